@@ -1,0 +1,153 @@
+"""Settings from the environment and ``.env`` (pydantic-settings).
+
+Tokens are ``SecretStr``: never printed, logged or shown in ``repr``. ``load_settings``
+turns a validation error into one ``ConfigError`` line naming the variable.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bot.domain import UserRef
+from bot.errors import ConfigError
+
+
+class Device(enum.StrEnum):
+    AUTO = "auto"
+    CUDA = "cuda"
+    CPU = "cpu"
+    MPS = "mps"
+
+
+class DType(enum.StrEnum):
+    AUTO = "auto"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class Offload(enum.StrEnum):
+    AUTO = "auto"
+    NONE = "none"
+    MODEL = "model"
+    SEQUENTIAL = "sequential"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every operator setting; ``.env.example`` documents each with its default."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # model and device
+    model: str = Field("z-image-turbo", description="preset, hub repo id, or local diffusers dir")
+    device: Device = Device.AUTO
+    dtype: DType = DType.AUTO
+    offload: Offload = Offload.AUTO
+    warmup: bool = True
+    model_cache_dir: Path = Path(".cache/brushbot")
+
+    # storage
+    db_path: Path = Path("data/brushbot.sqlite3")
+    output_dir: Path = Path("outputs")
+
+    # platforms (secrets)
+    discord_token: SecretStr | None = None
+    telegram_token: SecretStr | None = None
+    discord_api_base_url: str | None = None
+    discord_gateway_url: str | None = None
+    discord_guild_id: int | None = None
+    discord_spoiler: bool = False
+    telegram_base_url: str | None = None
+    telegram_base_file_url: str | None = None
+    telegram_allowed_chats: Annotated[list[int], NoDecode] = Field(default_factory=list)
+
+    # people and credits
+    admin_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    daily_credits: int = Field(20, ge=0)
+    credit_period_hours: int = Field(24, ge=1, le=24 * 31)
+    credit_timezone: str = "UTC"
+
+    # limits
+    max_steps: int = Field(50, ge=1, le=1000)
+    max_images: int = Field(4, ge=1, le=10)
+    max_pixels: int = Field(1024 * 1024 * 2, ge=64 * 64)
+    max_prompt_chars: int = Field(1000, ge=1)
+    max_queued_per_user: int = Field(3, ge=1)
+    max_queued_total: int = Field(100, ge=1)
+    default_negative_prompt: str = ""
+    blocked_words: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    nsfw_words: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # behaviour
+    progress_interval: float = Field(1.0, ge=0.1)
+    log_level: str = "INFO"
+
+    @field_validator("admin_ids", "blocked_words", "nsfw_words", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("telegram_allowed_chats", mode="before")
+    @classmethod
+    def _csv_ints(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("admin_ids")
+    @classmethod
+    def _admins(cls, value: list[str]) -> list[str]:
+        return [UserRef.parse(v).key for v in value]
+
+    @field_validator("credit_timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError("an IANA time zone such as UTC or Europe/Berlin") from exc
+        return value
+
+    @property
+    def admins(self) -> frozenset[str]:
+        return frozenset(self.admin_ids)
+
+    def tokens_set(self) -> dict[str, bool]:
+        """Which tokens are configured (never their values)."""
+        return {
+            "DISCORD_TOKEN": bool(self.discord_token and self.discord_token.get_secret_value()),
+            "TELEGRAM_TOKEN": bool(self.telegram_token and self.telegram_token.get_secret_value()),
+        }
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = error.get("loc") or ("?",)
+    name = str(loc[0]).upper()
+    msg = str(error.get("msg", "invalid"))
+    ctx = error.get("ctx") or {}
+    if "expected" in ctx:
+        msg = f"expected {ctx['expected']}"
+    got = error.get("input")
+    shown = "" if "TOKEN" in name or isinstance(got, dict) else f" (got {got!r})"
+    return f"invalid setting {name}{shown}: {msg}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings; an invalid value raises one ``ConfigError`` line naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from None

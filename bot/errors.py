@@ -1,0 +1,78 @@
+"""The one exception tree of brushbot.
+
+Every error a user can cause or see is a ``BotError``; its ``str()`` is the one line
+shown in chat. Operators see tracebacks in the log, users never do::
+
+    BotError
+    ├── ConfigError            a setting is invalid (start-up stops)
+    ├── RequestError           the request itself is bad (grammar, limits, blocked words)
+    ├── RefusedError           the request is fine but cannot be accepted now
+    │   ├── BannedError
+    │   ├── QueueFullError     per-user or global queue limit
+    │   └── NoCreditsError
+    ├── NotAuthorizedError     admin-only operation by a non-admin, or someone else's job
+    ├── NotFoundError          unknown job or user
+    ├── GenerationError        the model failed this job
+    │   ├── OutOfMemoryError
+    │   └── CancelledError     the job was cancelled while running
+    └── DeliveryError          the result could not be sent
+        └── UnreachableError   the chat is gone or forbids the bot: do not retry
+"""
+
+from __future__ import annotations
+
+
+class BotError(Exception):
+    """Base of every brushbot error; ``str(err)`` is a one-line user-facing message."""
+
+
+class ConfigError(BotError):
+    """A setting is missing or invalid."""
+
+
+class RequestError(BotError):
+    """The request is malformed or over a limit; nothing was changed."""
+
+
+class RefusedError(BotError):
+    """The request is valid but cannot be accepted right now."""
+
+
+class BannedError(RefusedError):
+    """The user is banned."""
+
+
+class QueueFullError(RefusedError):
+    """A queue limit is reached."""
+
+
+class NoCreditsError(RefusedError):
+    """The user has too few credits for this request."""
+
+
+class NotAuthorizedError(BotError):
+    """The caller may not do this."""
+
+
+class NotFoundError(BotError):
+    """The job or user does not exist."""
+
+
+class GenerationError(BotError):
+    """Generation of a job failed."""
+
+
+class OutOfMemoryError(GenerationError):
+    """The device ran out of memory for this job."""
+
+
+class CancelledError(GenerationError):
+    """The job was cancelled while it ran."""
+
+
+class DeliveryError(BotError):
+    """Sending a result failed; may be retried."""
+
+
+class UnreachableError(DeliveryError):
+    """The chat can no longer be reached; retrying will not help."""
