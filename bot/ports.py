@@ -143,9 +143,7 @@ class Store(Protocol):
 
     async def mark_generated(self, job_id: str, outputs: Sequence[str]) -> None: ...
 
-    async def finish_job(
-        self, job_id: str, state: JobState, *, at: float, error: str | None = None
-    ) -> bool:
+    async def finish_job(self, job_id: str, state: JobState, *, at: float, error: str | None = None) -> bool:
         """Move a job to a final state; commit its credits if DELIVERED, refund otherwise.
 
         Idempotent: returns False (and changes nothing) when the job was already final.

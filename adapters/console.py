@@ -1,0 +1,143 @@
+"""The console adapter: a terminal chat for trying brushbot without Discord or Telegram.
+
+Type ``/draw a red fox in snow --seed 7`` and watch the queue, the progress and the saved
+paths. The local operator is an admin. Input is read on a thread so the loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from bot import messages
+from bot.domain import Job, Progress, SavedImage, Ticket, UserRef
+from bot.errors import BotError
+from bot.service import Service
+
+_log = logging.getLogger(__name__)
+
+PLATFORM = "console"
+
+PROMPT = "brushbot> "
+
+
+class ConsoleReply:
+    """Prints a job's life to the terminal."""
+
+    def __init__(self, out: Callable[[str], None]) -> None:
+        self._out = out
+
+    async def queued(self, job: Job, ticket: Ticket) -> None:
+        self._out(messages.ticket_text(ticket))
+
+    async def progress(self, job: Job, progress: Progress) -> None:
+        self._out(messages.progress_text(job, progress))
+
+    async def delivered(self, job: Job, images: Sequence[SavedImage]) -> None:
+        took = messages.job_seconds(job)
+        took_text = f" in {took:.1f}s" if took is not None else ""
+        lines = [f"Job {job.id} done{took_text}:"]
+        lines += [f"  {image.path}  (seed {image.seed})" for image in images]
+        self._out("\n".join(lines))
+
+    async def failed(self, job: Job, message: str) -> None:
+        self._out(f"Job {job.id}: {message}")
+
+
+class ConsoleAdapter:
+    """Reads commands from a text stream and answers on another; ``run()`` returns at EOF or /quit."""
+
+    def __init__(
+        self,
+        service: Service,
+        *,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
+        user: UserRef | None = None,
+    ) -> None:
+        self._service = service
+        self._stdin = stdin or sys.stdin
+        self._stdout = stdout or sys.stdout
+        self.user = user or UserRef(platform=PLATFORM, id=_whoami())
+
+    async def __aenter__(self) -> ConsoleAdapter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        self._service.register(PLATFORM, lambda job: ConsoleReply(self.say))
+
+    async def close(self) -> None:
+        return None
+
+    def say(self, text: str) -> None:
+        self._stdout.write(text + "\n")
+        self._stdout.flush()
+
+    async def run(self, *, wait_for_jobs: bool = True) -> None:
+        """The read–answer loop. At end of input, waits for this user's jobs to finish."""
+        self.say("brushbot console — type /help, or /draw a red fox in snow")
+        interactive = self._stdin.isatty()
+        while True:
+            if interactive:
+                self._stdout.write(PROMPT)
+                self._stdout.flush()
+            line = await asyncio.to_thread(self._stdin.readline)
+            if not line:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                return
+            try:
+                await self.handle(line)
+            except BotError as err:
+                self.say(f"⚠ {err}")
+            except Exception:
+                _log.exception("console command failed: %s", line)
+                self.say("⚠ something went wrong; see the log")
+        if wait_for_jobs:
+            await self.wait_idle()
+
+    async def wait_idle(self) -> None:
+        """Wait until every job has finished (the console has one user)."""
+        await self._service.wait_idle()
+
+    async def handle(self, line: str) -> None:
+        """Run one command line."""
+        command, _, rest = line.partition(" ")
+        command = command.lower().split("@", 1)[0]
+        svc = self._service
+        if command in ("/draw", "/imagine"):
+            request = svc.parse(rest)
+            await svc.submit(self.user, request, delivery={}, user_name=self.user.id)
+        elif command == "/credits":
+            self.say(messages.balance_text(await svc.credits(self.user), svc.next_refill_text()))
+        elif command == "/jobs":
+            self.say(messages.jobs_text(await svc.my_jobs(self.user)))
+        elif command == "/queue":
+            self.say(messages.queue_text(svc.queue_view()))
+        elif command == "/cancel":
+            job = await svc.cancel(self.user, rest.strip())
+            self.say(f"Cancelling job {job.id}")
+        elif command == "/stats":
+            self.say(messages.stats_text(await svc.stats(self.user)))
+        elif command in ("/help", "/start"):
+            self.say(messages.HELP + "\n/quit  leave the console")
+        else:
+            self.say(f"unknown command {command[:30]}: try /help")
+
+
+def _whoami() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "local"

@@ -1,0 +1,250 @@
+"""``python -m bot``: the composition root and command line.
+
+    python -m bot                 run the chat adapters whose tokens are set (the console if none)
+    python -m bot console         a terminal chat against the full service
+    python -m bot draw PROMPT [flags] [--out DIR]
+    python -m bot doctor          torch/CUDA, memory, the device plan, the model, which tokens are set
+    python -m bot tiny-model DIR  write the tiny random demo pipeline (draws noise; for tests and demos)
+
+This module is the one place in ``bot`` that wires the other packages together; it imports
+them inside functions, so the core itself never loads torch or a platform library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bot import messages
+from bot.config import Settings, load_settings
+from bot.domain import Job, UserRef
+from bot.errors import BotError
+from bot.grammar import Limits, parse_draw
+from bot.logs import setup_logging
+
+_log = logging.getLogger("bot")
+
+
+def _secrets(settings: Settings) -> list[str]:
+    return [t.get_secret_value() for t in (settings.discord_token, settings.telegram_token) if t is not None]
+
+
+# ---------------------------------------------------------------------------------- serve
+
+
+async def serve(settings: Settings, *, console: bool) -> None:
+    """Run the service with the adapters whose tokens are set, or the console."""
+    from adapters.console import ConsoleAdapter
+    from bot.service import Service
+    from data import SqliteStore
+    from generation.images import ImageStore
+    from generation.worker import Worker
+
+    tokens = settings.tokens_set()
+    use_console = console or not any(tokens.values())
+    async with contextlib.AsyncExitStack() as stack:
+        store = await stack.enter_async_context(SqliteStore(settings.db_path))
+        _log.info("loading model %s ...", settings.model)
+        worker = await stack.enter_async_context(Worker(settings))
+        service = Service(
+            settings=settings,
+            store=store,
+            workers=[worker],
+            sink=ImageStore(settings.output_dir, worker.profile.name),
+        )
+        await stack.enter_async_context(service)
+        if tokens["TELEGRAM_TOKEN"] and not console:
+            from adapters.telegram_bot import TelegramAdapter
+
+            await stack.enter_async_context(TelegramAdapter(service, settings))
+        if tokens["DISCORD_TOKEN"] and not console:
+            from adapters.discord_bot import DiscordAdapter
+
+            await stack.enter_async_context(DiscordAdapter(service, settings))
+        if use_console:
+            adapter = await stack.enter_async_context(ConsoleAdapter(service))
+            if not console:
+                _log.info("no DISCORD_TOKEN or TELEGRAM_TOKEN set: starting the console")
+            await service.recover()
+            await adapter.run()
+            return
+        await service.recover()
+        _log.info("brushbot is running; Ctrl+C stops it (unfinished jobs resume on the next start)")
+        await _until_signalled()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+# ---------------------------------------------------------------------------------- draw
+
+
+def _split_out(words: Sequence[str]) -> tuple[str, Path | None]:
+    text: list[str] = []
+    out: Path | None = None
+    it = iter(words)
+    for word in it:
+        if word == "--out":
+            value = next(it, None)
+            if value is None:
+                raise BotError("--out needs a directory")
+            out = Path(value)
+        elif word.startswith("--out="):
+            out = Path(word.split("=", 1)[1])
+        else:
+            text.append(word)
+    return " ".join(text), out
+
+
+async def draw(settings: Settings, words: Sequence[str]) -> list[str]:
+    """Draw one request directly on the worker (no queue, no credits) and save it."""
+    from generation.images import ImageStore
+    from generation.worker import Worker
+
+    text, out = _split_out(words)
+    async with Worker(settings) as worker:
+        request = parse_draw(text, worker.profile, Limits.from_settings(settings))
+        for note in request.notes:
+            print(f"note: {note}", file=sys.stderr)
+        seeds = request.seeds(secrets.randbits(32))
+        started = time.perf_counter()
+
+        def on_step(step: int, total: int) -> None:
+            sys.stderr.write(f"\r{messages.bar(step / total, 24)} step {step}/{total}")
+            sys.stderr.flush()
+
+        rendered = await worker.generate(request, seeds, on_step=on_step, cancel=threading.Event())
+        sys.stderr.write("\n")
+        job = Job(
+            id=secrets.token_hex(5),
+            user=UserRef(platform="cli", id="local"),
+            request=request,
+            model=worker.profile.name,
+            credits=0,
+            gpu_seconds=rendered.seconds,
+            seeds=rendered.seeds,
+            created_at=time.time(),
+            free=True,
+        )
+        sink = ImageStore(out or settings.output_dir, worker.profile.name)
+        saved = await asyncio.to_thread(sink.save, job, rendered)
+        total = time.perf_counter() - started
+    for image in saved:
+        print(f"{image.path}\tseed {image.seed}")
+    timings = " ".join(f"{k} {v:.2f}s" for k, v in rendered.timings.items())
+    print(f"generated {len(saved)} image(s) {request.width}x{request.height}, {request.steps} steps, "
+          f"in {rendered.seconds:.2f}s on the GPU thread ({timings}); {total:.2f}s with saving; "
+          f"model loaded in {worker.load_seconds or 0:.1f}s")  # fmt: skip
+    return [s.path for s in saved]
+
+
+# ---------------------------------------------------------------------------------- doctor
+
+
+def doctor(settings: Settings) -> int:
+    """Print what brushbot would run on, without loading the model."""
+    import torch
+
+    from generation.loading import estimate_weights_bytes, plan_device
+    from generation.presets import is_local, repo_for, resolve_profile
+
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            name = torch.cuda.get_device_name(i)
+            print(f"cuda:{i} {name}: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+    else:
+        print("cuda: not available (CPU only)")
+    plan = plan_device(settings)
+    print(f"plan: {plan.describe()}")
+    profile = resolve_profile(settings.model, cache_dir=settings.model_cache_dir)
+    print(f"model: {settings.model} -> {repo_for(settings.model)} ({profile.family}, "
+          f"{profile.default_width}x{profile.default_height}, {profile.default_steps} steps, "
+          f"cfg {profile.default_guidance:g})")  # fmt: skip
+    weights = estimate_weights_bytes(settings.model, settings.model_cache_dir)
+    if settings.model == "tiny":
+        reachable = "built on first use (random weights: it draws noise)"
+    elif is_local(settings.model):
+        reachable = (
+            "local folder found" if Path(settings.model).expanduser().is_dir() else "local folder MISSING"
+        )
+    elif weights:
+        reachable = f"in the cache ({weights / 2**30:.1f} GiB)"
+    else:
+        reachable = "not in the cache: it will be downloaded on first start"
+    print(f"model files: {reachable}")
+    for name, is_set in settings.tokens_set().items():
+        print(f"{name}: {'set' if is_set else 'not set'}")
+    print(f"database: {settings.db_path} · outputs: {settings.output_dir} · admins: {len(settings.admins)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="brushbot", description="Local AI image generation for chat groups."
+    )
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the configured chat adapters (the default)")
+    sub.add_parser("console", help="a terminal chat against the full service")
+    p_draw = sub.add_parser("draw", help="draw one prompt and save it", prefix_chars="\0")
+    p_draw.add_argument("words", nargs="*", help="PROMPT [--ar 16:9 --seed 7 --n 2 ...] [--out DIR]")
+    sub.add_parser("doctor", help="report torch/CUDA, memory, device plan, model and tokens")
+    p_tiny = sub.add_parser("tiny-model", help="write the tiny random demo pipeline to DIR")
+    p_tiny.add_argument("dir", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except BotError as err:
+        print(f"brushbot: {err}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, _secrets(settings))
+    command = args.command or "run"
+    try:
+        if command == "tiny-model":
+            from generation.tiny import build_tiny_pipeline
+
+            print(build_tiny_pipeline(args.dir))
+        elif command == "doctor":
+            return doctor(settings)
+        elif command == "draw":
+            asyncio.run(draw(settings, args.words))
+        else:
+            asyncio.run(serve(settings, console=command == "console"))
+    except BotError as err:
+        print(f"brushbot: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _entry() -> Any:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()

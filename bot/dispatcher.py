@@ -1,0 +1,79 @@
+"""The dispatcher: hands the next fair job to each GPU worker the moment it is free.
+
+One loop per worker, so the same code drives a single local worker or a pool. The loop only
+picks and runs: it awaits ``execute(worker, job_id)``, which returns as soon as the GPU part is
+done (saving and delivery continue in other tasks), so the GPU starts the next job at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from bot.fairqueue import FairQueue
+from bot.ports import Generator
+
+_log = logging.getLogger(__name__)
+
+Execute = Callable[[Generator, str], Awaitable[None]]
+
+
+class Dispatcher:
+    """Feeds queued jobs to workers; ``wake()`` after every push."""
+
+    def __init__(self, queue: FairQueue, workers: Sequence[Generator], execute: Execute) -> None:
+        self._queue = queue
+        self._workers = list(workers)
+        self._execute = execute
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        #: (worker name, gap seconds) between one job's end and the next one's start while work waited
+        self.idle_gaps: list[float] = []
+        self._last_end: dict[str, float] = {}
+
+    @property
+    def workers(self) -> list[Generator]:
+        return list(self._workers)
+
+    def start(self) -> None:
+        for worker in self._workers:
+            task = asyncio.create_task(self._loop(worker), name=f"dispatch-{worker.name}")
+            task.add_done_callback(self._loop_done)
+            self._tasks.append(task)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    @staticmethod
+    def _loop_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("dispatcher loop %s died", task.get_name(), exc_info=task.exception())
+
+    async def _loop(self, worker: Generator) -> None:
+        while True:
+            job_id = self._queue.pop()
+            if job_id is None:
+                self._last_end.pop(worker.name, None)  # idle because there is no work: not a gap
+                self._wakeup.clear()
+                if len(self._queue) == 0:
+                    await self._wakeup.wait()
+                continue
+            last = self._last_end.get(worker.name)
+            if last is not None:
+                self.idle_gaps.append(time.perf_counter() - last)
+                del self.idle_gaps[:-1000]
+            try:
+                await self._execute(worker, job_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("job %s crashed the dispatcher step; continuing", job_id)
+            self._last_end[worker.name] = time.perf_counter()

@@ -1,0 +1,268 @@
+"""The text command grammar: ``a red fox in snow --ar 16:9 --seed 42 --n 2 --no blurry``.
+
+One parser for Telegram, the console and Discord's free-text prompt option. Every value is
+validated against the model profile and the operator's limits; anything outside them is
+refused with one line naming the flag, the value and what is allowed. Nothing is clamped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from bot.domain import DrawRequest, ModelProfile
+from bot.errors import RequestError
+
+MAX_SEED = 2**32 - 1
+
+#: flag aliases → canonical name
+FLAGS: Mapping[str, str] = {
+    "ar": "ar",
+    "aspect": "ar",
+    "seed": "seed",
+    "steps": "steps",
+    "n": "n",
+    "count": "n",
+    "no": "no",
+    "neg": "no",
+    "cfg": "cfg",
+    "guidance": "cfg",
+    "size": "size",
+}
+
+# A flag starts with "--" (or the em/en dash phones substitute) after whitespace or at the start.
+_FLAG_RE = re.compile(r"(?:(?<=\s)|^)(?:--|—|–)([A-Za-z][A-Za-z0-9_-]*)(?=\s|$)")
+_SIZE_RE = re.compile(r"^\s*(\d{1,6})\s*[x×*]\s*(\d{1,6})\s*$", re.IGNORECASE)
+_RATIO_RE = re.compile(r"^\s*(\d{1,4})\s*[:/x]\s*(\d{1,4})\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """The operator's limits on one request."""
+
+    max_steps: int = 50
+    max_images: int = 4
+    max_pixels: int = 2 * 1024 * 1024
+    max_prompt_chars: int = 1000
+    default_negative_prompt: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: object) -> Limits:
+        return cls(
+            max_steps=settings.max_steps,  # type: ignore[attr-defined]
+            max_images=settings.max_images,  # type: ignore[attr-defined]
+            max_pixels=settings.max_pixels,  # type: ignore[attr-defined]
+            max_prompt_chars=settings.max_prompt_chars,  # type: ignore[attr-defined]
+            default_negative_prompt=settings.default_negative_prompt,  # type: ignore[attr-defined]
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RawOptions:
+    """Options as the user wrote them, before validation (strings, or typed values from a platform UI)."""
+
+    prompt: str
+    negative: str | None = None
+    size: str | None = None
+    ar: str | None = None
+    steps: str | int | None = None
+    seed: str | int | None = None
+    count: str | int | None = None
+    guidance: str | float | None = None
+
+
+def split_flags(text: str) -> RawOptions:
+    """Split ``prompt --flag value ...`` into raw options; unknown or repeated flags are refused."""
+    parts = _FLAG_RE.split(text)
+    prompt = parts[0]
+    values: dict[str, str] = {}
+    for i in range(1, len(parts), 2):
+        name = parts[i]
+        canonical = FLAGS.get(name.lower())
+        if canonical is None:
+            known = ", ".join(f"--{f}" for f in ("ar", "size", "seed", "steps", "n", "cfg", "no"))
+            raise RequestError(f"unknown flag --{name[:30]}: known flags are {known}")
+        if canonical in values:
+            raise RequestError(f"--{canonical} is given twice")
+        values[canonical] = parts[i + 1].strip()
+    return RawOptions(
+        prompt=prompt,
+        negative=values.get("no"),
+        size=values.get("size"),
+        ar=values.get("ar"),
+        steps=values.get("steps"),
+        seed=values.get("seed"),
+        count=values.get("n"),
+        guidance=values.get("cfg"),
+    )
+
+
+def _show(value: object) -> str:
+    """A user's value, safe to echo in a one-line message."""
+    text = _clean_text(str(value))
+    return text if len(text) <= 30 else text[:27] + "..."
+
+
+def _int(flag: str, value: str | int, low: int, high: int) -> int:
+    if isinstance(value, bool):
+        raise RequestError(f"--{flag} must be a whole number from {low} to {high}")
+    if isinstance(value, int):
+        number = value
+    else:
+        text = value.strip()
+        if not re.fullmatch(r"[+-]?\d{1,12}", text):
+            shown = _show(text) or "(empty)"
+            raise RequestError(f"--{flag} {shown} is not a whole number: allowed {low}–{high}")
+        number = int(text)
+    if not low <= number <= high:
+        raise RequestError(f"--{flag} {number} is out of range: allowed {low}–{high}")
+    return number
+
+
+def _float(flag: str, value: str | float, low: float, high: float) -> float:
+    if isinstance(value, bool):
+        raise RequestError(f"--{flag} must be a number from {low:g} to {high:g}")
+    if isinstance(value, int | float):
+        number = float(value)
+    else:
+        text = value.strip()
+        if not re.fullmatch(r"[+-]?(\d{1,6}(\.\d{0,6})?|\.\d{1,6})", text):
+            shown = _show(text) or "(empty)"
+            raise RequestError(f"--{flag} {shown} is not a number: allowed {low:g}–{high:g}")
+        number = float(text)
+    if not math.isfinite(number) or not low <= number <= high:
+        raise RequestError(f"--{flag} {number:g} is out of range: allowed {low:g}–{high:g}")
+    return number
+
+
+def _clean_text(text: str) -> str:
+    """Drop control characters (keep newlines as spaces) and trim."""
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if ch in "\n\r\t":
+            out.append(" ")
+        elif cat in ("Cc", "Cs") or (cat == "Cf" and ch not in "\u200d\u200c"):
+            continue
+        else:
+            out.append(ch)
+    return re.sub(r" {2,}", " ", "".join(out)).strip()
+
+
+def _check_size(
+    flag: str, shown: str, width: int, height: int, profile: ModelProfile, limits: Limits
+) -> None:
+    m = profile.size_multiple
+    lo, hi = profile.min_side, profile.max_side
+    if width % m or height % m or not (lo <= width <= hi and lo <= height <= hi):
+        raise RequestError(
+            f"--{flag} {shown} is not allowed: width and height must be multiples of {m} from {lo} to {hi}"
+        )
+    if width * height > limits.max_pixels:
+        raise RequestError(
+            f"--{flag} {shown} is too large: at most {limits.max_pixels:,} pixels "
+            f"({width}x{height} is {width * height:,})"
+        )
+
+
+def resolve_size(profile: ModelProfile, limits: Limits, size: str | None, ar: str | None) -> tuple[int, int]:
+    """Width and height from ``--size`` (WxH or a preset name) or ``--ar`` (W:H), else the default."""
+    if size is not None and ar is not None:
+        raise RequestError("use either --size or --ar, not both")
+    if size is not None:
+        key = size.strip().lower()
+        if key in profile.sizes:
+            width, height = profile.sizes[key]
+        else:
+            match = _SIZE_RE.match(size)
+            if not match:
+                names = ", ".join(profile.sizes) or "none"
+                raise RequestError(
+                    f"--size {_show(size) or '(empty)'} is not a size: use WxH like 768x1024 or one of {names}"
+                )
+            width, height = int(match.group(1)), int(match.group(2))
+        _check_size("size", _show(size), width, height, profile, limits)
+        return width, height
+    if ar is not None:
+        match = _RATIO_RE.match(ar)
+        if not match or int(match.group(1)) == 0 or int(match.group(2)) == 0:
+            raise RequestError(
+                f"--ar {_show(ar) or '(empty)'} is not an aspect ratio: use W:H with whole numbers, like 16:9"
+            )
+        rw, rh = int(match.group(1)), int(match.group(2))
+        if max(rw / rh, rh / rw) > 4:
+            raise RequestError(f"--ar {rw}:{rh} is too extreme: allowed from 1:4 to 4:1")
+        width, height = profile.size_for_ratio(rw, rh)
+        _check_size("ar", f"{rw}:{rh}", width, height, profile, limits)
+        return width, height
+    return profile.default_width, profile.default_height
+
+
+def build_request(options: RawOptions, profile: ModelProfile, limits: Limits) -> DrawRequest:
+    """Validate raw options against the model and the limits; the one place requests are made."""
+    prompt = _clean_text(options.prompt)
+    if not prompt:
+        raise RequestError("the prompt is empty: try /draw a red fox in snow")
+    if len(prompt) > limits.max_prompt_chars:
+        raise RequestError(
+            f"the prompt has {len(prompt):,} characters; the limit is {limits.max_prompt_chars:,}"
+        )
+    negative_given = options.negative is not None and _clean_text(options.negative) != ""
+    negative = _clean_text(options.negative) if options.negative is not None else ""
+    if options.negative is not None and not negative:
+        raise RequestError("--no needs text after it, like --no blurry, text")
+    if len(negative) > limits.max_prompt_chars:
+        raise RequestError(f"--no has {len(negative):,} characters; the limit is {limits.max_prompt_chars:,}")
+    width, height = resolve_size(profile, limits, options.size, options.ar)
+    steps = (
+        profile.default_steps if options.steps is None else _int("steps", options.steps, 1, limits.max_steps)
+    )
+    count = 1 if options.count is None else _int("n", options.count, 1, limits.max_images)
+    seed = None if options.seed is None else _int("seed", options.seed, 0, MAX_SEED)
+    guidance = (
+        profile.default_guidance
+        if options.guidance is None
+        else _float("cfg", options.guidance, 0.0, profile.max_guidance)
+    )
+    notes: list[str] = []
+    if negative_given and guidance == 0 and profile.negative_needs_guidance:
+        notes.append(
+            "the negative prompt has no effect with --cfg 0 on this model; add e.g. --cfg 1.5 to use it "
+            "(it doubles the GPU time)"
+        )
+    if not negative and limits.default_negative_prompt and guidance > 0:
+        negative = limits.default_negative_prompt
+    return DrawRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        count=count,
+        notes=tuple(notes),
+    )
+
+
+def parse_draw(text: str, profile: ModelProfile, limits: Limits) -> DrawRequest:
+    """Parse and validate the text after ``/draw``."""
+    return build_request(split_flags(text), profile, limits)
+
+
+def find_blocked(text: str, words: Iterable[str]) -> str | None:
+    """The first blocked word found in ``text`` (whole words for Latin text, substrings otherwise)."""
+    lowered = text.casefold()
+    for word in words:
+        w = word.strip().casefold()
+        if not w:
+            continue
+        if w.isascii():
+            if re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", lowered):
+                return word.strip()
+        elif w in lowered:
+            return word.strip()
+    return None

@@ -1,0 +1,187 @@
+"""User-facing text, shared by every adapter: tickets, progress bars, captions, balances, queues.
+
+Plain text with no platform markup, so each adapter can send it as is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from bot.domain import Balance, Job, LedgerEntry, Progress, Ticket
+from bot.service import QueueEntry, QueueView, UserView
+
+HELP = """brushbot draws pictures on the operator's GPU.
+
+/draw <prompt> [flags]  draw a picture; flags go after the prompt:
+  --ar 16:9         aspect ratio (or --size 768x1024, or square / portrait / landscape / wide)
+  --seed 42         reproduce an image (each image of a batch gets seed, seed+1, ...)
+  --steps 8         denoising steps
+  --n 2             number of images
+  --no blurry, text negative prompt (needs --cfg above 0 on Z-Image)
+  --cfg 1.5         guidance scale (above 0 doubles the GPU time)
+/credits  your credits    /jobs  your jobs    /queue  who is waiting    /cancel <job>  cancel a job
+Credits: 1 credit = one image at the default size and steps; bigger or longer images cost more."""
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m 05s``, ``1h 02m``."""
+    total = max(0, math.ceil(seconds))
+    if total < 60:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def bar(fraction: float, width: int = 12) -> str:
+    """A text progress bar: ``[██████░░░░░░] 50%``."""
+    fraction = min(1.0, max(0.0, fraction))
+    filled = round(fraction * width)
+    return f"[{'█' * filled}{'░' * (width - filled)}] {round(fraction * 100)}%"
+
+
+def settings_line(job: Job) -> str:
+    r = job.request
+    seeds = ", ".join(str(s) for s in job.seeds)
+    line = f"{r.width}x{r.height} · {r.steps} steps · cfg {r.guidance:g} · seed {seeds} · {job.model}"
+    return line
+
+
+def credits_text(cost: int, left: int | None) -> str:
+    if left is None:
+        return f"cost {cost} credit(s) (unlimited)" if cost else "free"
+    return f"cost {cost} credit(s), {left} left"
+
+
+def ticket_text(ticket: Ticket) -> str:
+    """The status shown right after a submit."""
+    job = ticket.job
+    where = "next in line" if ticket.position == 0 else f"position {ticket.position + 1} in the queue"
+    lines = [
+        f"Queued job {job.id}: {where}, about {duration(ticket.eta_seconds + job.gpu_seconds)} to go",
+        f"{settings_line(job)} · {credits_text(ticket.credits_cost, ticket.credits_left)}",
+    ]
+    lines.extend(f"Note: {note}" for note in job.request.notes)
+    return "\n".join(lines)
+
+
+def progress_text(job: Job, progress: Progress) -> str:
+    return f"Drawing job {job.id} {bar(progress.fraction)} step {progress.step}/{progress.total}"
+
+
+def caption(job: Job, seconds: float | None = None, *, limit: int = 1024) -> str:
+    """Caption for a delivered image: prompt, seeds, settings, model and time, within ``limit`` chars."""
+    took = f" · {seconds:.1f}s" if seconds is not None else ""
+    tail = f"\n{settings_line(job)}{took}"
+    if job.request.negative_prompt:
+        tail = f"\nNegative: {job.request.negative_prompt[:200]}" + tail
+    room = limit - len(tail)
+    prompt = job.request.prompt
+    if len(prompt) > room:
+        prompt = prompt[: max(0, room - 1)] + "…"
+    return (prompt + tail)[:limit]
+
+
+def job_seconds(job: Job) -> float | None:
+    if job.started_at is None or job.finished_at is None:
+        return None
+    return job.finished_at - job.started_at
+
+
+def balance_text(balance: Balance, refill: str) -> str:
+    if balance.unlimited:
+        return "You are an admin: drawing is free and unlimited for you."
+    left = balance.available
+    text = f"You have {left} credit(s) left: {max(0, balance.allowance - balance.used)} of your {balance.allowance} for this period"
+    if balance.bonus:
+        text += f" + {balance.bonus} bonus"
+    return text + f". Refills at {refill}."
+
+
+def jobs_text(entries: Sequence[QueueEntry]) -> str:
+    if not entries:
+        return "You have no jobs yet. Try /draw a red fox in snow"
+    lines = []
+    for e in entries:
+        job = e.job
+        if e.running:
+            state = "drawing" + (f" {bar(e.progress.fraction, 8)}" if e.progress else "")
+        elif job.state.value == "queued":
+            state = f"queued, position {e.position + 1}, about {duration(e.eta_seconds)}"
+        else:
+            state = job.state.value
+        lines.append(f"{job.id} · {state} · {job.request.prompt[:60]}")
+    return "\n".join(lines)
+
+
+def queue_text(view: QueueView) -> str:
+    if not view.entries:
+        return "The queue is empty: the GPU is waiting for you."
+    lines = [f"{view.total_queued} job(s) waiting from {view.users_waiting} user(s)"]
+    for e in view.entries:
+        who = e.job.user_name or e.job.user.key
+        if e.running:
+            prog = f" {bar(e.progress.fraction, 8)}" if e.progress else ""
+            lines.append(f"▶ {who} · {e.job.request.count} image(s){prog}")
+        else:
+            lines.append(
+                f"{e.position}. {who} · {e.job.request.count} image(s) · in about {duration(e.eta_seconds)}"
+            )
+    return "\n".join(lines)
+
+
+def _when(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%m-%d %H:%M")
+
+
+def ledger_line(entry: LedgerEntry) -> str:
+    parts = [_when(entry.at), entry.kind.value, f"{entry.amount:+d}"]
+    if entry.job_id:
+        parts.append(f"job {entry.job_id}")
+    if entry.actor:
+        parts.append(f"by {entry.actor}")
+    if entry.note:
+        parts.append(entry.note)
+    return " · ".join(parts)
+
+
+def user_view_text(view: UserView) -> str:
+    r, b = view.record, view.balance
+    flags = []
+    if r.banned:
+        flags.append("BANNED")
+    if r.weight != 1:
+        flags.append(f"weight {r.weight:g}")
+    allowance = "default" if r.allowance is None else str(r.allowance)
+    head = (
+        f"{r.display_name or r.user.key} ({r.user.key}){' · ' + ', '.join(flags) if flags else ''}\n"
+        f"{b.available} available · used {b.used}/{b.allowance} this period ({allowance}) · bonus {b.bonus}"
+    )
+    history = "\n".join(ledger_line(e) for e in view.history) or "no history"
+    return f"{head}\n{history}"
+
+
+def stats_text(stats: dict[str, object]) -> str:
+    return "\n".join(f"{key}: {value}" for key, value in stats.items())
+
+
+def info_text(job: Job) -> str:
+    r = job.request
+    lines = [
+        f"Job {job.id} by {job.user_name or job.user.key} · {job.state.value}",
+        f"Prompt: {r.prompt}",
+    ]
+    if r.negative_prompt:
+        lines.append(f"Negative: {r.negative_prompt}")
+    lines.append(settings_line(job))
+    lines.append(f"{r.count} image(s) · {job.credits} credit(s)" + (" (free)" if job.free else ""))
+    took = job_seconds(job)
+    if took is not None:
+        lines.append(f"Took {took:.1f}s")
+    if job.error:
+        lines.append(f"Error: {job.error}")
+    return "\n".join(lines)

@@ -1,0 +1,668 @@
+"""The core service every adapter calls: submit, cancel, look up, administer.
+
+It validates requests, charges credits through the store, queues jobs fairly, drives the GPU
+workers through the dispatcher, saves and delivers results off the GPU thread, and makes sure
+every job ends in a recorded state with its credits committed or refunded exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from bot.config import Settings
+from bot.credits import next_refill, period_key
+from bot.dispatcher import Dispatcher
+from bot.domain import (
+    Balance,
+    DrawRequest,
+    Job,
+    JobState,
+    LedgerEntry,
+    ModelProfile,
+    Progress,
+    SavedImage,
+    Ticket,
+    UploadFile,
+    UserRecord,
+    UserRef,
+    credit_cost,
+    gpu_cost,
+)
+from bot.errors import (
+    BannedError,
+    BotError,
+    CancelledError,
+    DeliveryError,
+    GenerationError,
+    NotAuthorizedError,
+    NotFoundError,
+    QueueFullError,
+    RequestError,
+    UnreachableError,
+)
+from bot.fairqueue import FairQueue
+from bot.grammar import Limits, RawOptions, build_request, find_blocked, parse_draw
+from bot.ports import CreditPolicy, Generator, ImageSink, Rendered, Reply, ReplyFactory, Store
+
+_log = logging.getLogger(__name__)
+
+#: seconds between delivery attempts; the last failure ends the job failed and refunded
+DELIVERY_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueEntry:
+    """A queued or running job with where it stands."""
+
+    job: Job
+    position: int  # 0 = next (or running, see ``running``)
+    eta_seconds: float
+    running: bool = False
+    progress: Progress | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueView:
+    """A snapshot of the queue: what runs and what waits, in predicted order."""
+
+    entries: tuple[QueueEntry, ...]
+    total_queued: int
+    users_waiting: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserView:
+    """What an admin sees about a user."""
+
+    record: UserRecord
+    balance: Balance
+    history: tuple[LedgerEntry, ...]
+
+
+@dataclass(slots=True)
+class _Live:
+    """In-memory companions of an unfinished job (never the source of truth: the store is)."""
+
+    job: Job
+    reply: Reply | None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float | None = None
+    progress: Progress | None = None
+    last_progress: float = 0.0
+    progress_busy: bool = False
+
+
+class Service:
+    """The platform-neutral core. Build once in ``__main__``; use as an async context manager."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        workers: Sequence[Generator],
+        sink: ImageSink,
+        clock: Callable[[], float] = time.time,
+        rand32: Callable[[], int] = lambda: secrets.randbits(32),
+        delivery_backoff: Sequence[float] = DELIVERY_BACKOFF,
+    ) -> None:
+        if not workers:
+            raise ValueError("at least one worker is needed")
+        self.settings = settings
+        self.store = store
+        self.profile: ModelProfile = workers[0].profile
+        self.limits = Limits.from_settings(settings)
+        self._sink = sink
+        self._clock = clock
+        self._rand32 = rand32
+        self._backoff = tuple(delivery_backoff)
+        self._queue = FairQueue()
+        self._dispatcher = Dispatcher(self._queue, workers, self._execute)
+        self._live: dict[str, _Live] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._factories: dict[str, ReplyFactory] = {}
+        self._submit_lock = asyncio.Lock()
+        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="brushbot-encode")
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._speed = self.profile.seconds_per_mpx_step
+        self._closing = False
+        self._started_at = clock()
+        self.jobs_done = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start the dispatcher. Call ``recover()`` once the adapters are registered."""
+        self._dispatcher.start()
+
+    async def close(self) -> None:
+        """Stop without losing anything: unfinished jobs stay in the store for ``recover()``."""
+        self._closing = True
+        for live in self._live.values():
+            live.cancel.set()
+        await self._dispatcher.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._encoder.shutdown(wait=True, cancel_futures=True)
+
+    async def wait_idle(self) -> None:
+        """Wait until every job has reached a final state."""
+        await self._idle.wait()
+
+    def register(self, platform: str, factory: ReplyFactory) -> None:
+        """An adapter registers how to rebuild a job's reply target from ``job.delivery``."""
+        self._factories[platform] = factory
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self._dispatcher
+
+    # ------------------------------------------------------------------ helpers
+
+    def is_admin(self, user: UserRef) -> bool:
+        return user.key in self.settings.admins
+
+    def _policy(self) -> CreditPolicy:
+        return CreditPolicy(
+            allowance=self.settings.daily_credits,
+            period=period_key(
+                self._clock(), self.settings.credit_period_hours, self.settings.credit_timezone
+            ),
+        )
+
+    def next_refill_text(self) -> str:
+        when = next_refill(self._clock(), self.settings.credit_period_hours, self.settings.credit_timezone)
+        return when.strftime("%Y-%m-%d %H:%M %Z")
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    def _require_admin(self, actor: UserRef) -> None:
+        if not self.is_admin(actor):
+            raise NotAuthorizedError("only bot admins can do that")
+
+    def parse(self, text: str) -> DrawRequest:
+        """Parse and validate the text of a ``/draw`` command."""
+        return parse_draw(text, self.profile, self.limits)
+
+    def build(self, options: RawOptions) -> DrawRequest:
+        """Validate options from a platform form (Discord's typed options)."""
+        return build_request(options, self.profile, self.limits)
+
+    def estimate(self, request: DrawRequest) -> float:
+        return gpu_cost(request, self._speed, guidance_doubles=True)
+
+    def cost(self, request: DrawRequest) -> int:
+        """Credits a request costs (shown before it runs)."""
+        return credit_cost(request, self.profile)
+
+    # ------------------------------------------------------------------ submit
+
+    def _check_content(self, request: DrawRequest, *, nsfw_allowed: bool) -> None:
+        text = f"{request.prompt}\n{request.negative_prompt}"
+        word = find_blocked(request.prompt, self.settings.blocked_words)
+        if word is not None:
+            raise RequestError(f"the prompt contains a blocked word ({word}); nothing was queued")
+        if not nsfw_allowed:
+            word = find_blocked(text, self.settings.nsfw_words)
+            if word is not None and find_blocked(request.prompt, [word]) is not None:
+                raise RequestError(f"“{word}” is only allowed in channels marked NSFW; nothing was queued")
+
+    async def submit(
+        self,
+        user: UserRef,
+        request: DrawRequest,
+        *,
+        delivery: dict[str, Any],
+        user_name: str = "",
+        nsfw_allowed: bool = True,
+    ) -> Ticket:
+        """Validate, check bans and limits, reserve credits, persist and queue one job."""
+        self._check_content(request, nsfw_allowed=nsfw_allowed)
+        factory = self._factories.get(user.platform)
+        async with self._submit_lock:
+            record = await self.store.touch_user(user, user_name)
+            if record.banned:
+                raise BannedError("you are banned from drawing here")
+            mine = self._queue.count_for(user.key) + sum(
+                1 for live in self._live.values() if live.job.user == user and live.started is not None
+            )
+            if mine >= self.settings.max_queued_per_user:
+                raise QueueFullError(
+                    f"you already have {mine} jobs waiting (limit {self.settings.max_queued_per_user}); "
+                    "wait for one to finish or /cancel one"
+                )
+            if len(self._queue) >= self.settings.max_queued_total:
+                raise QueueFullError(
+                    f"the queue is full ({self.settings.max_queued_total} jobs); try again in a few minutes"
+                )
+            free = self.is_admin(user)
+            job = Job(
+                id=secrets.token_hex(5),
+                user=user,
+                user_name=user_name or record.display_name,
+                request=request,
+                model=self.profile.name,
+                credits=self.cost(request),
+                gpu_seconds=self.estimate(request),
+                seeds=request.seeds(self._rand32()),
+                delivery=dict(delivery),
+                created_at=self._clock(),
+                free=free,
+            )
+            balance = await self.store.add_job(job, policy=None if free else self._policy())
+            live = _Live(job=job, reply=factory(job) if factory else None)
+            self._live[job.id] = live
+            self._idle.clear()
+            self._queue.push(job.id, user.key, job.gpu_seconds, weight=record.weight)
+        self._dispatcher.wake()
+        ticket = self._ticket(job, None if balance is None else balance.available)
+        _log.info(
+            "job %s queued for %s: %dx%d, %d steps, %d image(s), %d credit(s), position %d",
+            job.id, user.key, request.width, request.height, request.steps, request.count,
+            job.credits, ticket.position,
+        )  # fmt: skip
+        await self._announce(live, ticket)
+        return ticket
+
+    async def _announce(self, live: _Live, ticket: Ticket) -> None:
+        try:
+            if live.reply is not None:
+                await live.reply.queued(live.job, ticket)
+        except Exception:
+            _log.exception("could not show job %s as queued", live.job.id)
+        finally:
+            live.ready.set()
+
+    def _ticket(self, job: Job, credits_left: int | None) -> Ticket:
+        position, eta = self.position(job.id)
+        return Ticket(
+            job=job, position=position, eta_seconds=eta, credits_cost=job.credits, credits_left=credits_left
+        )
+
+    async def reroll(
+        self,
+        actor: UserRef,
+        job_id: str,
+        *,
+        delivery: dict[str, Any],
+        user_name: str = "",
+        nsfw_allowed: bool = True,
+    ) -> Ticket:
+        """The same settings with a new seed, charged to ``actor``."""
+        job = await self.job(job_id)
+        request = replace(job.request, seed=None, notes=())
+        return await self.submit(
+            actor, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
+        )
+
+    # ------------------------------------------------------------------ looking
+
+    async def job(self, job_id: str) -> Job:
+        live = self._live.get(job_id)
+        if live is not None:
+            return live.job
+        job = await self.store.get_job(job_id)
+        if job is None:
+            raise NotFoundError(f"there is no job {job_id[:20]}")
+        return job
+
+    def _running_remaining(self) -> float:
+        now = time.perf_counter()
+        remaining = 0.0
+        for live in self._live.values():
+            if live.started is not None:
+                remaining = max(remaining, live.job.gpu_seconds - (now - live.started))
+        return max(0.0, remaining)
+
+    def position(self, job_id: str) -> tuple[int, float]:
+        """(position, ETA in seconds) of a queued job; (0, 0) for a running or unknown one."""
+        if job_id not in self._queue:
+            return 0, 0.0
+        return self._queue.position(job_id), self._queue.eta(job_id, self._running_remaining())
+
+    async def my_jobs(self, user: UserRef, limit: int = 10) -> list[QueueEntry]:
+        """The user's recent jobs, unfinished ones with their position."""
+        out: list[QueueEntry] = []
+        for job in await self.store.user_jobs(user, limit):
+            live = self._live.get(job.id)
+            if live is not None:
+                position, eta = self.position(job.id)
+                out.append(
+                    QueueEntry(
+                        job=live.job, position=position, eta_seconds=eta,
+                        running=live.started is not None, progress=live.progress,
+                    )
+                )  # fmt: skip
+            else:
+                out.append(QueueEntry(job=job, position=0, eta_seconds=0.0))
+        return out
+
+    def queue_view(self, limit: int = 20) -> QueueView:
+        entries: list[QueueEntry] = [
+            QueueEntry(job=live.job, position=0, eta_seconds=0.0, running=True, progress=live.progress)
+            for live in self._live.values()
+            if live.started is not None
+        ]
+        elapsed = self._running_remaining()
+        for job_id, _user, cost in self._queue.snapshot()[:limit]:
+            live = self._live[job_id]
+            entries.append(QueueEntry(job=live.job, position=len(entries), eta_seconds=elapsed))
+            elapsed += cost
+        return QueueView(
+            entries=tuple(entries), total_queued=len(self._queue), users_waiting=len(self._queue.users())
+        )
+
+    async def credits(self, user: UserRef) -> Balance:
+        if self.is_admin(user):
+            balance = await self.store.balance(user, self._policy())
+            return replace(balance, unlimited=True)
+        return await self.store.balance(user, self._policy())
+
+    async def upload_file(self, path: str, limit_bytes: int) -> UploadFile:
+        """The saved PNG, or a smaller encoding when it exceeds ``limit_bytes`` (off the loop)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._encoder, self._sink.fit, path, limit_bytes)
+
+    async def update_delivery(self, job_id: str, **fields: Any) -> None:
+        """Adapters record chat references (e.g. the status message id) so a restart can reuse them."""
+        await self.store.update_delivery(job_id, fields)
+        live = self._live.get(job_id)
+        if live is not None:
+            live.job = replace(live.job, delivery={**live.job.delivery, **fields})
+
+    async def authorize_delete(self, actor: UserRef, job_id: str) -> Job:
+        """The job, when ``actor`` may delete its result (the requester or an admin)."""
+        job = await self.job(job_id)
+        if job.user != actor and not self.is_admin(actor):
+            raise NotAuthorizedError("only the person who asked for this image or an admin can delete it")
+        return job
+
+    # ------------------------------------------------------------------ cancel
+
+    async def cancel(self, actor: UserRef, job_id: str) -> Job:
+        """Cancel a queued job (refunded at once) or interrupt a running one (refunded when it stops)."""
+        job = await self.job(job_id)
+        if job.user != actor and not self.is_admin(actor):
+            raise NotAuthorizedError("you can only cancel your own jobs")
+        live = self._live.get(job_id)
+        if live is None or job.state.final or job.state is JobState.DELIVERING:
+            raise RequestError(f"job {job_id} has already finished ({job.state.value})")
+        who = "you" if actor == job.user else "an admin"
+        if self._queue.remove(job_id):
+            await self._end(live, JobState.CANCELLED, f"cancelled by {who}")
+            return live.job
+        live.cancel.set()
+        _log.info("job %s: cancel requested by %s", job_id, actor.key)
+        return live.job
+
+    # ------------------------------------------------------------------ running
+
+    async def _execute(self, worker: Generator, job_id: str) -> None:
+        live = self._live.get(job_id)
+        if live is None:
+            self._queue.done(job_id)
+            return
+        job = live.job
+        started = self._clock()
+        live.started = time.perf_counter()
+        await self.store.mark_running(job_id, at=started)
+        live.job = job = replace(job, state=JobState.RUNNING, started_at=started)
+        loop = asyncio.get_running_loop()
+
+        def on_step(step: int, total: int) -> None:
+            self._on_progress(live, step, total)
+
+        try:
+            rendered = await worker.generate(job.request, job.seeds, on_step=on_step, cancel=live.cancel)
+        except CancelledError:
+            self._queue.done(job_id)
+            live.started = None
+            if self._closing:
+                return  # shutting down: the job stays "running" and is re-queued on restart
+            await self._end(live, JobState.CANCELLED, "cancelled while drawing; credits refunded")
+            return
+        except GenerationError as err:
+            self._queue.done(job_id)
+            live.started = None
+            _log.warning("job %s failed: %s", job_id, err)
+            await self._end(live, JobState.FAILED, str(err))
+            return
+        except Exception:
+            self._queue.done(job_id)
+            live.started = None
+            _log.exception("job %s: unexpected error from worker %s", job_id, worker.name)
+            await self._end(live, JobState.FAILED, "something went wrong while drawing")
+            return
+        live.started = None
+        self._learn_speed(job, rendered)
+        self._queue.done(job_id, rendered.seconds)
+        del loop
+        # Saving and delivery happen elsewhere: the dispatcher can start the next job now.
+        self._spawn(self._finish(live, rendered), f"finish-{job_id}")
+
+    def _learn_speed(self, job: Job, rendered: Rendered) -> None:
+        work = job.request.steps * job.request.megapixels * job.request.count
+        work *= 2.0 if job.request.guidance > 0 else 1.0
+        if work > 0 and rendered.seconds > 0:
+            self._speed = 0.7 * self._speed + 0.3 * (rendered.seconds / work)
+
+    def _on_progress(self, live: _Live, step: int, total: int) -> None:
+        now = time.perf_counter()
+        live.progress = Progress(step=step, total=total, elapsed=now - (live.started or now))
+        if live.reply is None or not live.ready.is_set() or live.progress_busy:
+            return
+        if step < total and now - live.last_progress < self.settings.progress_interval:
+            return
+        live.last_progress = now
+        live.progress_busy = True
+        self._spawn(self._send_progress(live, live.progress), f"progress-{live.job.id}")
+
+    async def _send_progress(self, live: _Live, progress: Progress) -> None:
+        try:
+            assert live.reply is not None
+            await live.reply.progress(live.job, progress)
+        except Exception as err:
+            _log.debug("progress for job %s not shown: %s", live.job.id, err)
+        finally:
+            live.progress_busy = False
+
+    async def _finish(self, live: _Live, rendered: Rendered) -> None:
+        job = live.job
+        loop = asyncio.get_running_loop()
+        try:
+            saved = await loop.run_in_executor(self._encoder, self._sink.save, job, rendered)
+        except Exception:
+            _log.exception("job %s: saving the images failed", job.id)
+            await self._end(live, JobState.FAILED, "the images could not be saved")
+            return
+        await self.store.mark_generated(job.id, [s.path for s in saved])
+        live.job = replace(job, state=JobState.DELIVERING, outputs=tuple(s.path for s in saved))
+        await self._deliver(live, saved)
+
+    async def _deliver(self, live: _Live, saved: Sequence[SavedImage]) -> None:
+        job = live.job
+        if live.reply is None:
+            await self._end(live, JobState.FAILED, f"no {job.user.platform} connection to deliver to")
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(live.ready.wait(), timeout=30)
+        attempts = len(self._backoff) + 1
+        for attempt in range(attempts):
+            try:
+                await live.reply.delivered(live.job, saved)
+            except UnreachableError as err:
+                _log.warning("job %s: chat unreachable: %s", job.id, err)
+                await self._end(live, JobState.FAILED, f"the chat could not be reached: {err}", notify=False)
+                return
+            except Exception as err:
+                if attempt + 1 >= attempts:
+                    _log.error("job %s: delivery failed %d times, giving up: %s", job.id, attempts, err)
+                    await self._end(live, JobState.FAILED, "the result could not be delivered")
+                    return
+                delay = self._backoff[attempt]
+                if not isinstance(err, DeliveryError):
+                    _log.exception("job %s: delivery attempt %d failed", job.id, attempt + 1)
+                else:
+                    _log.warning("job %s: delivery attempt %d failed (%s); retrying in %.0fs", job.id,
+                                 attempt + 1, err, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+            else:
+                await self._end(live, JobState.DELIVERED, None, notify=False)
+                return
+
+    async def _end(self, live: _Live, state: JobState, error: str | None, *, notify: bool = True) -> None:
+        """Record a final state (commit or refund happens in the same transaction) and tell the chat."""
+        job = live.job
+        changed = await self.store.finish_job(job.id, state, at=self._clock(), error=error)
+        self._live.pop(job.id, None)
+        if not self._live:
+            self._idle.set()
+        live.job = replace(job, state=state, error=error, finished_at=self._clock())
+        if changed:
+            self.jobs_done += 1
+            _log.info("job %s %s%s", job.id, state.value, f": {error}" if error else "")
+        if notify and changed and live.reply is not None and error is not None:
+            refund = "" if job.free else f" Your {job.credits} credit(s) were refunded."
+            try:
+                await live.reply.failed(
+                    live.job, f"{error}.{refund}" if not error.endswith(".") else error + refund
+                )
+            except Exception as err:
+                _log.warning("job %s: could not tell the chat it ended: %s", job.id, err)
+
+    # ------------------------------------------------------------------ recovery
+
+    async def recover(self) -> int:
+        """Re-queue (in their original order) or re-deliver every unfinished job; returns how many."""
+        count = 0
+        for job in await self.store.unfinished_jobs():
+            if job.id in self._live:
+                continue
+            factory = self._factories.get(job.user.platform)
+            reply = factory(job) if factory else None
+            live = _Live(job=job, reply=reply)
+            self._live[job.id] = live
+            self._idle.clear()
+            count += 1
+            if reply is None:
+                await self._end(live, JobState.FAILED, f"the {job.user.platform} adapter is not running")
+                continue
+            saved = await asyncio.to_thread(_saved_outputs, job) if job.state is JobState.DELIVERING else None
+            if saved is not None:
+                live.ready.set()
+                self._spawn(self._deliver(live, saved), f"redeliver-{job.id}")
+                continue
+            live.job = replace(job, state=JobState.QUEUED, started_at=None)
+            record = await self.store.get_user(job.user)
+            self._queue.push(job.id, job.user.key, job.gpu_seconds, weight=record.weight if record else 1.0)
+            self._spawn(self._announce(live, self._ticket(live.job, None)), f"requeued-{job.id}")
+        if count:
+            _log.info("recovered %d unfinished job(s)", count)
+            self._dispatcher.wake()
+        return count
+
+    # ------------------------------------------------------------------ admin
+
+    async def _target(self, target: UserRef) -> UserRecord:
+        record = await self.store.get_user(target)
+        return record or await self.store.touch_user(target)
+
+    async def admin_show(self, actor: UserRef, target: UserRef) -> UserView:
+        self._require_admin(actor)
+        record = await self._target(target)
+        balance = await self.store.balance(target, self._policy())
+        history = await self.store.history(target, 10)
+        return UserView(record=record, balance=balance, history=tuple(history))
+
+    async def admin_set(self, actor: UserRef, target: UserRef, amount: int | None) -> Balance:
+        self._require_admin(actor)
+        if amount is not None and not 0 <= amount <= 1_000_000:
+            raise RequestError(f"allowance {amount} is out of range: allowed 0–1000000")
+        return await self.store.set_allowance(target, amount, actor=actor.key, policy=self._policy())
+
+    async def admin_grant(self, actor: UserRef, target: UserRef, amount: int) -> Balance:
+        self._require_admin(actor)
+        if amount == 0 or not -1_000_000 <= amount <= 1_000_000:
+            raise RequestError(f"grant {amount} is out of range: allowed -1000000–1000000, not 0")
+        return await self.store.grant(target, amount, actor=actor.key, policy=self._policy())
+
+    async def admin_reset(self, actor: UserRef, target: UserRef) -> Balance:
+        self._require_admin(actor)
+        return await self.store.reset(target, actor=actor.key, policy=self._policy())
+
+    async def admin_ban(self, actor: UserRef, target: UserRef, banned: bool = True) -> UserRecord:
+        self._require_admin(actor)
+        if banned and self.is_admin(target):
+            raise RequestError("admins cannot be banned; remove them from ADMIN_IDS first")
+        return await self.store.set_banned(target, banned, actor=actor.key)
+
+    async def admin_weight(self, actor: UserRef, target: UserRef, weight: float) -> UserRecord:
+        self._require_admin(actor)
+        if not 0.01 <= weight <= 100:
+            raise RequestError(f"weight {weight:g} is out of range: allowed 0.01–100")
+        record = await self.store.set_weight(target, weight, actor=actor.key)
+        self._queue.set_weight(target.key, weight)
+        return record
+
+    async def find_user(self, platform: str, name: str) -> UserRef | None:
+        record = await self.store.find_user(platform, name)
+        return record.user if record else None
+
+    async def stats(self, actor: UserRef) -> dict[str, Any]:
+        self._require_admin(actor)
+        stats = dict(await self.store.job_stats())
+        stats.update(
+            queued=len(self._queue),
+            running=sum(1 for live in self._live.values() if live.started is not None),
+            users_waiting=len(self._queue.users()),
+            model=self.profile.name,
+            workers=len(self._dispatcher.workers),
+            seconds_per_mpx_step=round(self._speed, 4),
+            uptime_seconds=round(self._clock() - self._started_at),
+        )
+        return stats
+
+
+def _saved_outputs(job: Job) -> list[SavedImage] | None:
+    """The saved images of a job that was generated but not delivered, if all files still exist."""
+    if not job.outputs or not all(os.path.exists(p) for p in job.outputs):
+        return None
+    return [
+        SavedImage(
+            path=p, seed=s, width=job.request.width, height=job.request.height, size_bytes=os.path.getsize(p)
+        )
+        for p, s in zip(job.outputs, job.seeds, strict=False)
+    ]
+
+
+__all__ = ["BotError", "QueueEntry", "QueueView", "Service", "UserView"]

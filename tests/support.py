@@ -1,0 +1,70 @@
+"""Test doubles of the ports that cannot be the real thing in a fast unit test.
+
+``ScriptedGenerator`` is a Generator whose GPU time is scripted: each job can be held until a
+test releases it, can fail with an injected error, and records the order jobs ran in. The
+real worker on the tiny model is covered by the generation tests and the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from bot.domain import DrawRequest, ModelProfile
+from bot.errors import CancelledError
+from bot.ports import Rendered, StepCallback
+
+PROFILE = ModelProfile(
+    name="scripted",
+    family="z-image",
+    default_width=64,
+    default_height=64,
+    default_steps=4,
+    default_guidance=0.0,
+    size_multiple=16,
+    min_side=16,
+    max_side=512,
+    seconds_per_mpx_step=1.0,
+    sizes={"square": (64, 64), "portrait": (48, 64), "landscape": (64, 48), "wide": (64, 32)},
+)
+
+
+@dataclass
+class ScriptedGenerator:
+    """Runs jobs on the event loop, one at a time, as the test scripts them."""
+
+    name: str = "scripted"
+    profile: ModelProfile = PROFILE
+    hold: bool = False
+    runs: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+    _release: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self._release.set()
+
+    async def generate(
+        self, request: DrawRequest, seeds: tuple[int, ...], *, on_step: StepCallback, cancel: threading.Event
+    ) -> Rendered:
+        self.runs.append((request.prompt, seeds))
+        self.started.set()
+        for step in range(1, request.steps + 1):
+            if self.hold and step == 2:
+                while not self._release.is_set():
+                    if cancel.is_set():
+                        break
+                    await asyncio.sleep(0.005)
+                self._release.clear()
+            if cancel.is_set():
+                raise CancelledError("cancelled")
+            on_step(step, request.steps)
+            await asyncio.sleep(0)
+        if self.errors:
+            raise self.errors.pop(0)
+        images = [Image.new("RGB", (request.width, request.height), (seed % 256, 0, 0)) for seed in seeds]
+        cost = request.steps * request.megapixels * request.count
+        return Rendered(images=images, seeds=seeds, seconds=cost, timings={"total": cost})
