@@ -1,7 +1,7 @@
 """The console adapter: a terminal chat for trying brushbot without Discord or Telegram.
 
 Type ``/draw a red fox in snow --seed 7`` and watch the queue, the progress and the saved
-paths. The local operator is an admin. Input is read on a thread so the loop never blocks.
+paths. Input is read on a thread so the loop never blocks.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import getpass
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
@@ -38,7 +39,7 @@ class ConsoleReply:
         self._out(messages.progress_text(job, progress))
 
     async def delivered(self, job: Job, images: Sequence[SavedImage]) -> None:
-        took = messages.job_seconds(job)
+        took = messages.job_seconds(job, time.time())
         took_text = f" in {took:.1f}s" if took is not None else ""
         lines = [f"Job {job.id} done{took_text}:"]
         lines += [f"  {image.path}  (seed {image.seed})" for image in images]

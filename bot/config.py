@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bot.domain import UserRef
-from bot.errors import ConfigError
+from bot.errors import ConfigError, RequestError
 
 
 class Device(enum.StrEnum):
@@ -48,7 +48,11 @@ class Settings(BaseSettings):
     """Every operator setting; ``.env.example`` documents each with its default."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        case_sensitive=False,
     )
 
     # model and device
@@ -108,7 +112,10 @@ class Settings(BaseSettings):
     @field_validator("admin_ids")
     @classmethod
     def _admins(cls, value: list[str]) -> list[str]:
-        return [UserRef.parse(v).key for v in value]
+        try:
+            return [UserRef.parse(v).key for v in value]
+        except RequestError as exc:
+            raise ValueError(f"{exc}; write e.g. telegram:123,discord:456") from None
 
     @field_validator("credit_timezone")
     @classmethod

@@ -86,10 +86,12 @@ def caption(job: Job, seconds: float | None = None, *, limit: int = 1024) -> str
     return (prompt + tail)[:limit]
 
 
-def job_seconds(job: Job) -> float | None:
-    if job.started_at is None or job.finished_at is None:
+def job_seconds(job: Job, now: float | None = None) -> float | None:
+    """Seconds from start to finish (or to ``now`` while delivering)."""
+    if job.started_at is None:
         return None
-    return job.finished_at - job.started_at
+    end = job.finished_at if job.finished_at is not None else now
+    return None if end is None else max(0.0, end - job.started_at)
 
 
 def balance_text(balance: Balance, refill: str) -> str:

@@ -1,0 +1,78 @@
+"""Settings: defaults, the documented example, one-line errors, and secrets kept secret."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from bot.config import Settings, load_settings
+from bot.errors import ConfigError
+from bot.logs import RedactSecrets
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "123456:AAE-very-secret-token-value"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_env_example_documents_every_setting_and_loads() -> None:
+    text = (ROOT / ".env.example").read_text()
+    names = {m.group(1) for m in re.finditer(r"^([A-Z_]+)=", text, re.M)}
+    assert names == {f.upper() for f in Settings.model_fields}
+    settings = Settings(_env_file=ROOT / ".env.example")  # type: ignore[call-arg]
+    assert settings.model == "z-image-turbo" and settings.output_dir == Path("outputs")
+    assert settings.discord_token is None and settings.telegram_allowed_chats == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "needle"),
+    [
+        ("DEVICE", "gpu", "DEVICE (got 'gpu'): expected 'auto', 'cuda', 'cpu' or 'mps'"),
+        ("DTYPE", "fp8", "DTYPE"),
+        ("OFFLOAD", "yes", "OFFLOAD"),
+        ("MAX_STEPS", "lots", "MAX_STEPS"),
+        ("DAILY_CREDITS", "-1", "DAILY_CREDITS"),
+        ("ADMIN_IDS", "12345", "ADMIN_IDS"),
+        ("CREDIT_TIMEZONE", "Mars/Base", "CREDIT_TIMEZONE"),
+    ],
+)
+def test_invalid_values_stop_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, needle: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(_env_file=None)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_tokens_never_show(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("TELEGRAM_TOKEN", TOKEN)
+    monkeypatch.setenv("ADMIN_IDS", "telegram:1, discord:2")
+    settings = load_settings(_env_file=None)
+    assert TOKEN not in repr(settings) and TOKEN not in str(settings)
+    assert settings.tokens_set() == {"DISCORD_TOKEN": False, "TELEGRAM_TOKEN": True}
+    assert settings.admins == {"telegram:1", "discord:2"}
+    logger = logging.getLogger("test.redact")
+    logger.addFilter(RedactSecrets([TOKEN]))
+    with caplog.at_level(logging.INFO, "test.redact"):
+        logger.info("GET https://api.telegram.org/bot%s/getMe", TOKEN)
+        try:
+            raise RuntimeError(f"bad url /bot{TOKEN}/x")
+        except RuntimeError:
+            logger.exception("failed")
+    assert TOKEN not in caplog.text and "[redacted]" in caplog.text
+
+
+def test_a_bad_token_value_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", "x")
+    monkeypatch.setenv("MAX_IMAGES", "99")
+    with pytest.raises(ConfigError) as info:
+        load_settings(_env_file=None)
+    assert "MAX_IMAGES" in str(info.value)
