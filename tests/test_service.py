@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from generation.images import ImageStore
 
 from bot.config import Settings
 from bot.domain import JobState, UserRef
@@ -24,6 +23,7 @@ from bot.errors import (
 from bot.recording import RecordingHub
 from bot.service import Service
 from data import SqliteStore
+from generation.images import ImageStore
 from tests.support import ScriptedGenerator
 
 ALICE = UserRef(platform="test", id="alice")
