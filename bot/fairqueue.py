@@ -12,7 +12,8 @@ reach the head instead of stamped at push, so a weight change applies to queued 
 a cancelled job leaves no gap: the user's later jobs keep (or improve) their place.
 
 Guarantees (``W_i``: GPU seconds user i has received, ``w_i``: its weight, costs as estimated,
-or as measured once ``done`` reports them; each is asserted by ``tests/test_fairqueue.py``):
+or as measured once ``done`` reports them; ``tests/test_fairqueue.py`` asserts 1. and 2. as
+stated, and of 3. that every job runs):
 
 1. Users backlogged without a break since a common start (say, all waiting when the queue
    started) after every dispatch satisfy ``W_i/w_i − W_j/w_j ≤ c_i/w_i``, ``c_i`` the cost of i's
@@ -28,15 +29,16 @@ or as measured once ``done`` reports them; each is asserted by ``tests/test_fair
 3. No starvation: before a queued job whose start tag is ``T`` runs, each other user j gets at
    most ``w_j·(T − V)`` seconds plus one job, so with finitely many users every job runs.
 
-``done(job_id, actual_cost)`` recharges the user by ``(actual − estimate) / weight``; a refund never
-takes its clock below ``V`` nor back to the start of its latest job (keeping 2.). Costs are
+``done(job_id, actual_cost)`` recharges the user by ``(actual − estimate) / weight``, so shares
+follow measured GPU time; the clock stays after the job's start, so 2. still holds. Costs are
 estimated GPU seconds, finite and > 0. The class is synchronous and not thread-safe: one owner
 (the event loop) calls it.
 
-Complexity (n queued jobs, u backlogged users, r running jobs — 1 on one GPU): ``push`` O(log u),
-``pop`` and ``done`` O(log u + r) amortised (lazy deletion, the heap is rebuilt when half stale),
-``remove`` O(log u) amortised, ``count_for`` O(1), ``position``/``eta`` O(n), ``order(k)`` and
-``snapshot`` O(n + k log u) — tags are computed on the fly, so a prediction changes nothing.
+Complexity (n queued jobs, u backlogged users, r running jobs — 1 on one GPU): ``push``, ``pop``
+and ``done`` O(log u + r) amortised (lazy deletion; the heap is rebuilt when mostly stale),
+``remove`` O(log u) amortised, ``count_for`` O(1), ``position``/``eta`` O(n), ``order(k)`` for a
+short k O(u + k log u), ``order()``/``snapshot`` O(n log n). Predictions compute the tags on the
+fly with the same float operations as ``pop``, so they change nothing and match it exactly.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def _after(tag: float, amount: float) -> float:
     return later if later > tag else math.nextafter(tag, math.inf)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class _Queued:
     id: str
     user: str
@@ -79,7 +81,7 @@ class _Queued:
     seq: int
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class _Running:
     user: str
     cost: float
@@ -88,14 +90,15 @@ class _Running:
     finish: float
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class _User:
+    """One user's mutable scheduling state (kept while they have jobs or their clock is ahead of V)."""
+
     weight: float
     #: backlogged: the start tag of the head job; otherwise the finish tag of the latest job
     tag: float
     jobs: OrderedDict[str, _Queued] = field(default_factory=OrderedDict)
     running: int = 0
-    last_start: float = -math.inf
 
 
 class FairQueue:
@@ -161,7 +164,6 @@ class FairQueue:
             user=user, cost=record.cost, weight=state.weight, start=start, finish=finish
         )
         state.running += 1
-        state.last_start = start
         state.tag = finish
         if state.jobs:
             heapq.heappush(self._heap, (finish, self._head(state).seq, user))
@@ -194,7 +196,8 @@ class FairQueue:
                 charged = _after(run.start, actual / run.weight)
             else:
                 charged = state.tag + (actual - run.cost) / run.weight
-            tag = max(charged, v, _after(state.last_start, 0.0))
+            # charged ≥ the job's start ≥ V in exact arithmetic; the max only absorbs rounding
+            tag = max(charged, v)
             if tag != state.tag:
                 state.tag = tag
                 if state.jobs:
@@ -290,12 +293,14 @@ class FairQueue:
             earliest = min(earliest, run.start)
         return earliest if earliest < math.inf else 0.0
 
+    def _live(self, tag: float, seq: int, user: str) -> bool:
+        state = self._users.get(user)
+        return state is not None and bool(state.jobs) and state.tag == tag and self._head(state).seq == seq
+
     def _top(self) -> tuple[float, int, str] | None:
         heap = self._heap
         while heap:
-            tag, seq, user = heap[0]
-            state = self._users.get(user)
-            if state is not None and state.jobs and state.tag == tag and self._head(state).seq == seq:
+            if self._live(*heap[0]):
                 return heap[0]
             heapq.heappop(heap)
         return None
@@ -337,23 +342,64 @@ class FairQueue:
             tag = _after(tag, record.cost / weight)
 
     def _predicted(self, limit: int | None) -> list[_Queued]:
-        streams = [self._tags(s) for s in self._users.values() if s.jobs]
-        # Push sequences are unique, so the records themselves are never compared.
-        merged = heapq.merge(*streams, key=lambda item: (item[0], item[1]))
-        return [record for _, _, record in itertools.islice(merged, limit)]
+        total = len(self._queued)
+        want = total if limit is None else max(0, min(limit, total))
+        if want * 4 >= total:
+            # Most of the queue: tag every job and sort. _tags() inlined, as this is the hot loop;
+            # push sequences are unique, so the records themselves are never compared.
+            tagged: list[tuple[float, int, _Queued]] = []
+            append = tagged.append
+            for state in self._users.values():
+                tag, weight = state.tag, state.weight
+                for record in state.jobs.values():
+                    append((tag, record.seq, record))
+                    later = tag + record.cost / weight
+                    tag = later if later > tag else math.nextafter(tag, math.inf)
+            tagged.sort()
+            return [record for _, _, record in tagged[:want]]
+        # A few (a /queue view): replay pop() on a copy of the heap, following only the users reached.
+        heap = self._heap.copy()
+        streams: dict[str, Iterator[tuple[float, int, _Queued]]] = {}
+        following: dict[str, tuple[float, int, _Queued]] = {}
+        out: list[_Queued] = []
+        while heap and len(out) < want:
+            tag, seq, user = heapq.heappop(heap)
+            stream = streams.get(user)
+            if stream is None:
+                if not self._live(tag, seq, user):
+                    continue
+                stream = streams[user] = self._tags(self._users[user])
+                record = next(stream)[2]
+            else:
+                expected = following.get(user)
+                if expected is None or expected[0] != tag or expected[1] != seq:
+                    continue  # a stale entry of the real heap
+                record = expected[2]
+            out.append(record)
+            nxt = next(stream, None)
+            if nxt is not None:
+                following[user] = nxt
+                heapq.heappush(heap, (nxt[0], nxt[1], user))
+        return out
 
     def _ahead(self, job_id: str) -> tuple[int, float]:
         record = self._queued.get(job_id)
         if record is None:
             raise KeyError(f"job {job_id!r} is not queued")
-        key = next((t, s) for t, s, r in self._tags(self._users[record.user]) if r is record)
+        key_tag, key_seq = next((t, s) for t, s, r in self._tags(self._users[record.user]) if r is record)
         count, seconds = 0, 0.0
+        # _tags() inlined: this walks every queued job, and a user whose head is already later
+        # than the job is skipped in O(1).
         for state in self._users.values():
-            if not state.jobs:
+            tag = state.tag
+            if not state.jobs or tag > key_tag:
                 continue
-            for tag, seq, other in self._tags(state):
-                if (tag, seq) >= key:
+            weight = state.weight
+            for other in state.jobs.values():
+                if tag > key_tag or (tag == key_tag and other.seq >= key_seq):
                     break
                 count += 1
                 seconds += other.cost
+                later = tag + other.cost / weight
+                tag = later if later > tag else math.nextafter(tag, math.inf)
         return count, seconds
