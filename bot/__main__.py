@@ -62,7 +62,7 @@ async def serve(settings: Settings, *, console: bool) -> None:
             workers=[worker],
             sink=ImageStore(settings.output_dir, worker.profile.name),
         )
-        await stack.enter_async_context(service)
+        await service.start()
         if tokens["TELEGRAM_TOKEN"] and not console:
             from adapters.telegram_bot import TelegramAdapter
 
@@ -71,8 +71,12 @@ async def serve(settings: Settings, *, console: bool) -> None:
             from adapters.discord_bot import DiscordAdapter
 
             await stack.enter_async_context(DiscordAdapter(service, settings))
+        # Registered last, so it runs first: the service stops (leaving unfinished jobs for the
+        # next start) before the adapters it delivers through are closed.
+        stack.push_async_callback(service.close)
         if use_console:
-            adapter = await stack.enter_async_context(ConsoleAdapter(service))
+            adapter = ConsoleAdapter(service)
+            await adapter.start()
             if not console:
                 _log.info("no DISCORD_TOKEN or TELEGRAM_TOKEN set: starting the console")
             await service.recover()

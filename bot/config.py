@@ -140,7 +140,7 @@ class Settings(BaseSettings):
         }
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Any) -> str:
     loc = error.get("loc") or ("?",)
     name = str(loc[0]).upper()
     msg = str(error.get("msg", "invalid"))

@@ -1,0 +1,331 @@
+"""The local GPU worker: one thread owns the warm pipeline and runs jobs one at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from bot.config import Settings
+from bot.domain import DrawRequest, ModelProfile
+from bot.errors import BotError, CancelledError, GenerationError, OutOfMemoryError
+from bot.ports import Rendered, StepCallback
+from generation.loading import LoadPlan, load_pipeline
+from generation.presets import resolve_profile
+
+_log = logging.getLogger(__name__)
+
+#: builds (pipeline, profile, plan) on the worker thread; ``load_pipeline`` by default
+PipelineFactory = Callable[[Settings], tuple[Any, ModelProfile, LoadPlan]]
+
+_OOM_MESSAGE = "The GPU ran out of memory for this image; try a smaller size or fewer images."
+_STOPPED_MESSAGE = "The image generator is shutting down; try again later."
+_FAILED_MESSAGE = "The image generator failed on this request."
+
+
+class _Interrupted(Exception):
+    """Raised from the step callback to stop the denoising loop (cancel or shutdown)."""
+
+
+@dataclass(slots=True, kw_only=True)
+class _Job:
+    request: DrawRequest
+    seeds: tuple[int, ...]
+    on_step: StepCallback
+    cancel: threading.Event
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Rendered]
+    #: set when the awaiting coroutine went away: stop the work, nobody wants it
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn`` on ``loop`` from the worker thread; a closed loop has nobody left to tell."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        _log.debug("event loop closed; dropped %s", getattr(fn, "__name__", fn))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+            return True
+    except ImportError:
+        pass
+    return "out of memory" in str(exc).lower()
+
+
+class Worker:
+    """A ``bot.ports.Generator`` running on this machine's GPU (or CPU).
+
+    ``start()`` spawns one thread that loads the pipeline, warms it up and then owns it:
+    no other thread ever touches the pipeline. Jobs go to that thread through a queue;
+    results come back through an asyncio future resolved with ``call_soon_threadsafe``.
+    An out-of-memory error or any other failure fails that job only; the thread goes on.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str = "local",
+        pipeline_factory: PipelineFactory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        # known before loading, so the core can validate requests while the model loads
+        self.profile: ModelProfile = resolve_profile(settings.model, cache_dir=settings.model_cache_dir)
+        self.plan: LoadPlan | None = None
+        self.device: str | None = None
+        self.load_seconds: float | None = None
+        self._factory: PipelineFactory = pipeline_factory or load_pipeline
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Future[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def thread_ident(self) -> int | None:
+        """The identity of the thread that owns the pipeline (None before start)."""
+        return self._thread.ident if self._thread is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is up and taking jobs."""
+        return self._thread is not None and self._thread.is_alive() and not self._closing.is_set()
+
+    async def start(self) -> None:
+        """Start the worker thread and wait until the model is loaded (and warmed up).
+
+        Raises what loading raised (``ConfigError`` for a model that cannot be loaded).
+        """
+        if self._thread is not None:
+            raise RuntimeError("worker already started")
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._stopped = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(loop, ready, self._stopped), name=f"brushbot-gpu-{self.name}", daemon=True
+        )
+        self._thread.start()
+        try:
+            await ready
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop the thread: the running job and any queued ones fail with ``GenerationError``."""
+        if self._thread is None or self._closing.is_set():
+            if self._stopped is not None:
+                await asyncio.shield(self._stopped)
+            return
+        self._closing.set()
+        self._jobs.put(None)
+        if self._stopped is not None:
+            await asyncio.shield(self._stopped)
+        self._thread.join()  # it has already returned: only the OS thread remains to reap
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ---- the port ----------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request: DrawRequest,
+        seeds: tuple[int, ...],
+        *,
+        on_step: StepCallback,
+        cancel: threading.Event,
+    ) -> Rendered:
+        """Run one job on the worker thread; ``on_step`` is called on this loop after each step."""
+        if len(seeds) != request.count:
+            raise ValueError(f"{request.count} images need {request.count} seeds, got {len(seeds)}")
+        if not self.running:
+            raise GenerationError(_STOPPED_MESSAGE)
+        loop = asyncio.get_running_loop()
+        job = _Job(
+            request=request,
+            seeds=seeds,
+            on_step=on_step,
+            cancel=cancel,
+            loop=loop,
+            future=loop.create_future(),
+        )
+        self._jobs.put(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.abandoned.set()
+            raise
+
+    # ---- the worker thread ---------------------------------------------------------------------
+
+    def _run(
+        self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None], stopped: asyncio.Future[None]
+    ) -> None:
+        pipe: Any = None
+        try:
+            started = time.perf_counter()
+            try:
+                pipe, profile, plan = self._factory(self.settings)
+                self.profile, self.plan, self.device = profile, plan, plan.device
+                self.load_seconds = time.perf_counter() - started
+                if self.settings.warmup:
+                    self._warm_up(pipe)
+            except BaseException as exc:
+                _log.exception("loading the model failed")
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                error = (
+                    exc
+                    if isinstance(exc, BotError)
+                    else GenerationError(f"Loading the model failed: {first}")
+                )
+                _post(loop, _resolve, ready, None, error)
+                return
+            _log.info("worker %s ready: %s in %.1f s", self.name, self.profile.name, self.load_seconds)
+            _post(loop, _resolve, ready, None, None)
+            self._serve(pipe)
+        finally:
+            del pipe
+            self._free_memory()
+            self._fail_pending()
+            _post(loop, _resolve, stopped, None, None)
+
+    def _serve(self, pipe: Any) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None or self._closing.is_set():
+                if job is not None:
+                    _post(job.loop, _resolve, job.future, None, GenerationError(_STOPPED_MESSAGE))
+                return
+            self._run_job(pipe, job)
+
+    def _fail_pending(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                _post(job.loop, _resolve, job.future, None, GenerationError(_STOPPED_MESSAGE))
+
+    def _warm_up(self, pipe: Any) -> None:
+        """One short run at the default size, so the first user does not pay for lazy set-up."""
+        p = self.profile
+        started = time.perf_counter()
+        self._call(
+            pipe,
+            DrawRequest(
+                prompt="warm-up",
+                width=p.default_width,
+                height=p.default_height,
+                steps=2,
+                guidance=p.default_guidance,
+            ),
+            (0,),
+            callback=None,
+        )
+        _log.info("warm-up took %.1f s", time.perf_counter() - started)
+
+    def _call(self, pipe: Any, request: DrawRequest, seeds: tuple[int, ...], callback: Any) -> list[Any]:
+        import torch
+
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        kwargs: dict[str, Any] = {}
+        # the negative prompt only matters with guidance; passing it without would be ignored anyway
+        if request.guidance > 0 and request.negative_prompt:
+            kwargs["negative_prompt"] = request.negative_prompt
+        if callback is not None:
+            kwargs["callback_on_step_end"] = callback
+        output = pipe(
+            prompt=request.prompt,
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            num_images_per_prompt=request.count,
+            generator=generators,
+            output_type="pil",
+            **kwargs,
+        )
+        return list(output.images)
+
+    def _run_job(self, pipe: Any, job: _Job) -> None:
+        started = time.perf_counter()
+        result: Rendered | None = None
+        error: BotError | None = None
+        try:
+            if job.cancel.is_set() or job.abandoned.is_set():
+                raise _Interrupted
+
+            def on_step_end(p: Any, i: int, t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+                _post(job.loop, job.on_step, i + 1, int(p.num_timesteps))
+                if job.cancel.is_set() or job.abandoned.is_set() or self._closing.is_set():
+                    raise _Interrupted
+                return {}
+
+            images = self._call(pipe, job.request, job.seeds, on_step_end)
+            seconds = time.perf_counter() - started
+            result = Rendered(images=images, seeds=job.seeds, seconds=seconds, timings={"total": seconds})
+        except _Interrupted:
+            error = (
+                GenerationError(_STOPPED_MESSAGE) if self._closing.is_set() else CancelledError("Cancelled.")
+            )
+        except Exception as exc:
+            if _is_oom(exc):
+                _log.warning(
+                    "out of memory on %dx%d x%d", job.request.width, job.request.height, job.request.count
+                )
+                error = OutOfMemoryError(_OOM_MESSAGE)
+            else:
+                _log.exception("generation failed")
+                error = GenerationError(_FAILED_MESSAGE)
+        if error is not None:
+            # outside the except block: the traceback (and the tensors its frames hold) is gone
+            self._recover(pipe)
+        _post(job.loop, _resolve, job.future, result, error)
+
+    def _recover(self, pipe: Any) -> None:
+        """Undo what an aborted run left behind: offload hooks mid-way and cached memory."""
+        free_hooks = getattr(pipe, "maybe_free_model_hooks", None)
+        if callable(free_hooks):
+            with contextlib.suppress(Exception):
+                free_hooks()
+        self._free_memory()
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()

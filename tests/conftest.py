@@ -1,0 +1,94 @@
+"""Shared fixtures: offline hub, a network guard, the tiny model and a worker running it."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# before anything imports huggingface_hub: tests never reach the hub
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# the tiny model's ops are too small to split: on this shared 2-core machine one torch
+# thread ran a 64² generation in 0.11 s against 0.2-1.6 s with two (measured under load)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from bot.config import Settings
+
+
+class NetworkBlockedError(RuntimeError):
+    """A test tried to reach a non-loopback address."""
+
+
+def _allowed(address: Any) -> bool:
+    """Loopback IPs, ``localhost`` and non-IP sockets (Unix sockets, socketpairs) are fine."""
+    if not isinstance(address, tuple) or not address:
+        return True  # AF_UNIX path or abstract name
+    host = address[0]
+    if isinstance(host, bytes):
+        host = host.decode()
+    if not isinstance(host, str):
+        return True
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost would need DNS and the network
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail any socket connect to a non-loopback address, like PTB's OfflineRequest."""
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def connect(self: socket.socket, address: Any) -> None:
+        if not _allowed(address):
+            raise NetworkBlockedError(f"tests may not connect to {address!r}")
+        real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        if not _allowed(address):
+            raise NetworkBlockedError(f"tests may not connect to {address!r}")
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Z-Image pipeline, built once per test session."""
+    from generation.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def tiny_settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
+    """Settings for the tiny model on the CPU, every path under ``tmp_path``, no warm-up."""
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]  # a developer's .env must not leak in
+        model=str(tiny_model_dir),
+        device="cpu",  # type: ignore[arg-type]
+        output_dir=tmp_path / "outputs",
+        db_path=tmp_path / "brushbot.sqlite3",
+        model_cache_dir=tmp_path / "cache",
+        warmup=False,
+    )
+
+
+@pytest.fixture
+async def tiny_worker(tiny_settings: Settings) -> AsyncIterator[Any]:
+    """A started ``generation.Worker`` on the tiny model."""
+    from generation.worker import Worker
+
+    async with Worker(tiny_settings) as worker:
+        yield worker
