@@ -449,7 +449,7 @@ class Service:
             live.started = None
             if self._closing:
                 return  # shutting down: the job stays "running" and is re-queued on restart
-            await self._end(live, JobState.CANCELLED, "cancelled while drawing; credits refunded")
+            await self._end(live, JobState.CANCELLED, "cancelled while drawing")
             return
         except GenerationError as err:
             self._queue.done(job_id)
@@ -544,21 +544,21 @@ class Service:
         """Record a final state (commit or refund happens in the same transaction) and tell the chat."""
         job = live.job
         changed = await self.store.finish_job(job.id, state, at=self._clock(), error=error)
-        self._live.pop(job.id, None)
-        if not self._live:
-            self._idle.set()
         live.job = replace(job, state=state, error=error, finished_at=self._clock())
-        if changed:
-            self.jobs_done += 1
-            _log.info("job %s %s%s", job.id, state.value, f": {error}" if error else "")
-        if notify and changed and live.reply is not None and error is not None:
-            refund = "" if job.free else f" Your {job.credits} credit(s) were refunded."
-            try:
-                await live.reply.failed(
-                    live.job, f"{error}.{refund}" if not error.endswith(".") else error + refund
-                )
-            except Exception as err:
-                _log.warning("job %s: could not tell the chat it ended: %s", job.id, err)
+        try:
+            if changed:
+                self.jobs_done += 1
+                _log.info("job %s %s%s", job.id, state.value, f": {error}" if error else "")
+            if notify and changed and live.reply is not None and error is not None:
+                refund = "" if job.free else f" Your {job.credits} credit(s) were refunded."
+                try:
+                    await live.reply.failed(live.job, error.rstrip(".") + "." + refund)
+                except Exception as err:
+                    _log.warning("job %s: could not tell the chat it ended: %s", job.id, err)
+        finally:
+            self._live.pop(job.id, None)
+            if not self._live:
+                self._idle.set()
 
     # ------------------------------------------------------------------ recovery
 
@@ -585,7 +585,8 @@ class Service:
             live.job = replace(job, state=JobState.QUEUED, started_at=None)
             record = await self.store.get_user(job.user)
             self._queue.push(job.id, job.user.key, job.gpu_seconds, weight=record.weight if record else 1.0)
-            self._spawn(self._announce(live, self._ticket(live.job, None)), f"requeued-{job.id}")
+            left = None if job.free else (await self.store.balance(job.user, self._policy())).available
+            self._spawn(self._announce(live, self._ticket(live.job, left)), f"requeued-{job.id}")
         if count:
             _log.info("recovered %d unfinished job(s)", count)
             self._dispatcher.wake()
@@ -633,6 +634,10 @@ class Service:
         record = await self.store.set_weight(target, weight, actor=actor.key)
         self._queue.set_weight(target.key, weight)
         return record
+
+    async def seen(self, user: UserRef, display_name: str) -> None:
+        """Remember a user's display name (or @username) so admins can refer to them by it."""
+        await self.store.touch_user(user, display_name)
 
     async def find_user(self, platform: str, name: str) -> UserRef | None:
         record = await self.store.find_user(platform, name)
