@@ -122,10 +122,12 @@ async def draw(settings: Settings, words: Sequence[str]) -> list[str]:
     from generation.worker import Worker
 
     text, out = _split_out(words)
-    async with Worker(settings) as worker:
-        request = parse_draw(text, worker.profile, Limits.from_settings(settings))
-        for note in request.notes:
-            print(f"note: {note}", file=sys.stderr)
+    worker = Worker(settings)
+    # the profile is known before the model loads: refuse a bad request without waiting for it
+    request = parse_draw(text, worker.profile, Limits.from_settings(settings))
+    for note in request.notes:
+        print(f"note: {note}", file=sys.stderr)
+    async with worker:
         seeds = request.seeds(secrets.randbits(32))
         started = time.perf_counter()
 
