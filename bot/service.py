@@ -434,10 +434,15 @@ class Service:
             return
         job = live.job
         started = self._clock()
+        try:
+            await self.store.mark_running(job_id, at=started)
+        except Exception:
+            _log.exception("job %s: could not be marked running", job_id)
+            self._queue.done(job_id)
+            await self._end(live, JobState.FAILED, "the job could not be started")
+            return
         live.started = time.perf_counter()
-        await self.store.mark_running(job_id, at=started)
         live.job = job = replace(job, state=JobState.RUNNING, started_at=started)
-        loop = asyncio.get_running_loop()
 
         def on_step(step: int, total: int) -> None:
             self._on_progress(live, step, total)
@@ -466,7 +471,6 @@ class Service:
         live.started = None
         self._learn_speed(job, rendered)
         self._queue.done(job_id, rendered.seconds)
-        del loop
         # Saving and delivery happen elsewhere: the dispatcher can start the next job now.
         self._spawn(self._finish(live, rendered), f"finish-{job_id}")
 
@@ -501,11 +505,11 @@ class Service:
         loop = asyncio.get_running_loop()
         try:
             saved = await loop.run_in_executor(self._encoder, self._sink.save, job, rendered)
+            await self.store.mark_generated(job.id, [s.path for s in saved])
         except Exception:
             _log.exception("job %s: saving the images failed", job.id)
             await self._end(live, JobState.FAILED, "the images could not be saved")
             return
-        await self.store.mark_generated(job.id, [s.path for s in saved])
         live.job = replace(job, state=JobState.DELIVERING, outputs=tuple(s.path for s in saved))
         await self._deliver(live, saved)
 
@@ -543,9 +547,14 @@ class Service:
     async def _end(self, live: _Live, state: JobState, error: str | None, *, notify: bool = True) -> None:
         """Record a final state (commit or refund happens in the same transaction) and tell the chat."""
         job = live.job
-        changed = await self.store.finish_job(job.id, state, at=self._clock(), error=error)
-        live.job = replace(job, state=state, error=error, finished_at=self._clock())
         try:
+            try:
+                changed = await self.store.finish_job(job.id, state, at=self._clock(), error=error)
+            except Exception:
+                # the row stays unfinished, so the next start recovers it; nothing is charged twice
+                _log.exception("job %s: could not record its end (%s)", job.id, state.value)
+                return
+            live.job = replace(job, state=state, error=error, finished_at=self._clock())
             if changed:
                 self.jobs_done += 1
                 _log.info("job %s %s%s", job.id, state.value, f": {error}" if error else "")
