@@ -432,45 +432,42 @@ class Service:
         if live is None:
             self._queue.done(job_id)
             return
-        job = live.job
         started = self._clock()
-        try:
-            await self.store.mark_running(job_id, at=started)
-        except Exception:
-            _log.exception("job %s: could not be marked running", job_id)
-            self._queue.done(job_id)
-            await self._end(live, JobState.FAILED, "the job could not be started")
-            return
         live.started = time.perf_counter()
-        live.job = job = replace(job, state=JobState.RUNNING, started_at=started)
+        live.job = job = replace(live.job, state=JobState.RUNNING, started_at=started)
+        # The row is marked running while the GPU already draws: the write is off the critical path.
+        marking = asyncio.ensure_future(self.store.mark_running(job_id, at=started))
 
         def on_step(step: int, total: int) -> None:
             self._on_progress(live, step, total)
 
+        rendered: Rendered | None = None
+        failure: tuple[JobState, str] | None = None
         try:
             rendered = await worker.generate(job.request, job.seeds, on_step=on_step, cancel=live.cancel)
         except CancelledError:
-            self._queue.done(job_id)
-            live.started = None
-            if self._closing:
-                return  # shutting down: the job stays "running" and is re-queued on restart
-            await self._end(live, JobState.CANCELLED, "cancelled while drawing")
-            return
+            failure = (JobState.CANCELLED, "cancelled while drawing")
         except GenerationError as err:
-            self._queue.done(job_id)
-            live.started = None
             _log.warning("job %s failed: %s", job_id, err)
-            await self._end(live, JobState.FAILED, str(err))
-            return
+            failure = (JobState.FAILED, str(err))
         except Exception:
-            self._queue.done(job_id)
-            live.started = None
             _log.exception("job %s: unexpected error from worker %s", job_id, worker.name)
-            await self._end(live, JobState.FAILED, "something went wrong while drawing")
+            failure = (JobState.FAILED, "something went wrong while drawing")
+        finally:
+            live.started = None
+            self._queue.done(job_id, rendered.seconds if rendered is not None else None)
+        try:
+            await marking
+        except Exception:
+            # not fatal: the end state is still recorded below (or the job is recovered on restart)
+            _log.exception("job %s: could not be marked running", job_id)
+        if failure is not None:
+            if failure[0] is JobState.CANCELLED and self._closing:
+                return  # shutting down: the job stays "running" and is re-queued on restart
+            await self._end(live, *failure)
             return
-        live.started = None
+        assert rendered is not None
         self._learn_speed(job, rendered)
-        self._queue.done(job_id, rendered.seconds)
         # Saving and delivery happen elsewhere: the dispatcher can start the next job now.
         self._spawn(self._finish(live, rendered), f"finish-{job_id}")
 

@@ -1,0 +1,333 @@
+"""Soak: many jobs from many users through the whole service on the tiny model; nothing may be lost.
+
+Each user keeps a couple of jobs waiting and submits the next as soon as one ends, so the
+service runs at a steady state. Reports jobs lost (must be 0), credit mismatches (must be 0:
+every user's used credits equal the credits of their delivered jobs, and every job's ledger is
+exactly one reservation and one commit) and RSS after job 100 and after the last job (1,000).
+
+    .venv/bin/python benchmarks/soak.py                # 1,000 jobs, 50 users, 64², 8 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import math
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: the repository root is not on sys.path yet
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import (
+    LoopLag,
+    TimedPipeline,
+    bench_settings,
+    bot_path,
+    describe,
+    fmt,
+    machine,
+    mb,
+    ms,
+    peak_rss_bytes,
+    quantile,
+    quiet_logs,
+    raw_call,
+    results_path,
+    rss_bytes,
+    table,
+    write_json,
+)
+from bot.domain import Job, LedgerKind, Progress, SavedImage, Ticket, UserRef
+
+PLATFORM = "soak"
+#: the issue's goal: RSS may grow less than this from job 100 to the last job
+RSS_GROWTH_GOAL_PCT = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """What one soak run does."""
+
+    jobs: int = 1000
+    users: int = 50
+    size: int = 64
+    steps: int = 8
+    waiting_per_user: int = 2
+    threads: int = 1
+    timeout: float = 1800.0
+
+    @property
+    def first_mark(self) -> int:
+        """After how many finished jobs the first RSS reading is taken (job 100 of 1,000)."""
+        return max(1, self.jobs // 10)
+
+
+@dataclass(slots=True)
+class _Tally:
+    """Counts what every reply target saw; keeps no per-job objects once a job has ended."""
+
+    cfg: Config
+    slots: dict[str, asyncio.Semaphore]
+    delivered: Counter[str] = field(default_factory=Counter)  # job id → deliveries (must be 1)
+    failed: dict[str, str] = field(default_factory=dict)
+    delivered_by_user: Counter[str] = field(default_factory=Counter)
+    rss: dict[int, int] = field(default_factory=dict)
+    ended: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    lag: LoopLag = field(default_factory=LoopLag)
+
+    def end(self, job: Job) -> None:
+        self.ended += 1
+        self.slots[job.user.key].release()
+        if self.ended in (self.cfg.first_mark, self.cfg.jobs):
+            with self.lag.excluded():  # the measurement's own pause, not the bot's
+                gc.collect()  # a leak is what survives a collection; garbage awaiting one is not
+                self.rss[self.ended] = rss_bytes()
+        if self.ended >= self.cfg.jobs:
+            self.done.set()
+
+    def factory(self, job: Job) -> _SoakReply:
+        return _SoakReply(self)
+
+
+class _SoakReply:
+    def __init__(self, tally: _Tally) -> None:
+        self._tally = tally
+
+    async def queued(self, job: Job, ticket: Ticket) -> None:
+        return None
+
+    async def progress(self, job: Job, progress: Progress) -> None:
+        return None
+
+    async def delivered(self, job: Job, images: Sequence[SavedImage]) -> None:
+        tally = self._tally
+        tally.delivered[job.id] += 1
+        if tally.delivered[job.id] == 1:
+            tally.delivered_by_user[job.user.key] += 1
+            tally.end(job)
+
+    async def failed(self, job: Job, message: str) -> None:
+        if job.id not in self._tally.failed and job.id not in self._tally.delivered:
+            self._tally.failed[job.id] = message
+            self._tally.end(job)
+
+
+async def _credit_mismatches(path: Any, users: list[UserRef], tally: _Tally, cost: int) -> list[str]:
+    """Every way the credits disagree with what was delivered, one line each (empty when all agree)."""
+    service = path.service
+    problems: list[str] = []
+    for user in users:
+        balance = await service.credits(user)
+        expected = tally.delivered_by_user[user.key] * cost
+        if balance.used != expected:
+            problems.append(f"{user.key}: {balance.used} credits used, {expected} delivered")
+        per_job: dict[str, Counter[LedgerKind]] = {}
+        for entry in await path.store.history(user, limit=100_000):
+            if entry.job_id is not None:
+                per_job.setdefault(entry.job_id, Counter())[entry.kind] += 1
+        for job_id, kinds in per_job.items():
+            want = Counter({LedgerKind.RESERVE: 1, LedgerKind.COMMIT: 1})
+            if job_id in tally.failed:
+                want = Counter({LedgerKind.RESERVE: 1, LedgerKind.REFUND: 1})
+            if kinds != want:
+                problems.append(f"{user.key}: job {job_id} ledger {dict(kinds)}")
+    return problems
+
+
+async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
+    import torch
+
+    from bot.domain import DrawRequest
+    from bot.errors import BotError
+    from generation.loading import load_pipeline
+    from generation.tiny import build_tiny_pipeline
+
+    torch.set_num_threads(cfg.threads)
+    per_user = math.ceil(cfg.jobs / cfg.users)
+    model_dir = await asyncio.to_thread(build_tiny_pipeline, folder / "tiny")
+    settings = bench_settings(
+        folder,
+        model=str(model_dir),
+        device="cpu",
+        jobs=cfg.jobs,
+        # exactly enough credits: any credit leaked by the service shows up as a refused job
+        daily_credits=per_user,
+        max_queued_per_user=cfg.waiting_per_user,
+        max_queued_total=cfg.users * cfg.waiting_per_user,
+    )
+    real, profile, plan = await asyncio.to_thread(load_pipeline, settings)
+    pipe = TimedPipeline(real)
+    await asyncio.to_thread(
+        raw_call, pipe, prompt="warm-up", seed=0, width=cfg.size, height=cfg.size, steps=cfg.steps
+    )
+
+    users = [UserRef(platform=PLATFORM, id=f"user{n:03d}") for n in range(cfg.users)]
+    tally = _Tally(cfg=cfg, slots={u.key: asyncio.Semaphore(cfg.waiting_per_user) for u in users})
+    submitted: list[str] = []
+    refused: list[str] = []
+    async with bot_path(settings, pipe, profile, plan, platform_name=PLATFORM, factory=tally.factory) as path:
+        service = path.service
+        cost = service.cost(
+            DrawRequest(prompt="x", width=cfg.size, height=cfg.size, steps=cfg.steps, guidance=0.0)
+        )
+
+        async def user(number: int) -> None:
+            who = users[number]
+            for i in range(number, cfg.jobs, cfg.users):
+                await tally.slots[who.key].acquire()
+                request = DrawRequest(
+                    prompt=f"soak {i}", width=cfg.size, height=cfg.size, steps=cfg.steps, guidance=0.0, seed=i
+                )
+                try:
+                    ticket = await service.submit(who, request, delivery={"chat": who.id})
+                except BotError as err:
+                    refused.append(f"{who.key} job {i}: {err}")
+                    tally.slots[who.key].release()
+                    tally.ended += 1
+                    continue
+                submitted.append(ticket.job.id)
+
+        pipe.take()
+        started = time.perf_counter()
+        async with tally.lag as lag:
+            async with asyncio.TaskGroup() as group:
+                for number in range(cfg.users):
+                    group.create_task(user(number))
+            async with asyncio.timeout(cfg.timeout):
+                while tally.ended < cfg.jobs:
+                    tally.done.clear()
+                    await tally.done.wait()
+        seconds = time.perf_counter() - started
+        await service.wait_idle()
+        calls = pipe.take()
+        stats = await path.store.job_stats()
+        unfinished = await path.store.unfinished_jobs()
+        mismatches = await _credit_mismatches(path, users, tally, cost)
+
+    delivered_once = sum(1 for j in submitted if tally.delivered[j] == 1)
+    duplicates = sum(1 for n in tally.delivered.values() if n > 1)
+    lost = len(submitted) - delivered_once + len(refused)
+    first, last = tally.rss.get(cfg.first_mark), tally.rss.get(cfg.jobs)
+    growth = None if not first or not last else round(100.0 * (last - first) / first, 2)
+    result: dict[str, Any] = {
+        "benchmark": "soak",
+        "machine": machine(),
+        "config": {
+            "model": "tiny z-image (random weights)",
+            "jobs": cfg.jobs,
+            "users": cfg.users,
+            "size": cfg.size,
+            "steps": cfg.steps,
+            "waiting_per_user": cfg.waiting_per_user,
+            "torch_threads": cfg.threads,
+        },
+        "seconds": round(seconds, 3),
+        "jobs_per_second": round(cfg.jobs / seconds, 3) if seconds else None,
+        "submitted": len(submitted),
+        "delivered": delivered_once,
+        "failed": len(tally.failed),
+        "refused": len(refused),
+        "duplicate_deliveries": duplicates,
+        "lost_jobs": lost,
+        "store": {
+            "by_state": stats["by_state"],
+            "credits_committed": stats["credits_committed"],
+            "unfinished": len(unfinished),
+        },
+        "credit_mismatches": len(mismatches),
+        "credit_problems": mismatches[:20],
+        "errors": (refused + [f"{j}: {m}" for j, m in tally.failed.items()])[:20],
+        "pipe_call_median_ms": ms(quantile([c.seconds for c in calls], 0.5)),
+        "loop_lag_ms": lag.summary(),
+        "rss_mb": {
+            f"after_job_{cfg.first_mark}": None if first is None else mb(first),
+            f"after_job_{cfg.jobs}": None if last is None else mb(last),
+            "growth_pct": growth,
+            "peak": mb(peak_rss_bytes()),
+        },
+    }
+    result["targets"] = {
+        "no_lost_jobs": lost == 0,
+        "no_credit_mismatches": not mismatches,
+        "rss_growth_pct": None if growth is None else growth < RSS_GROWTH_GOAL_PCT,
+    }
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    """The human-readable report of one run."""
+    c, t, rss = result["config"], result["targets"], result["rss_mb"]
+
+    def mark(ok: bool | None) -> str:
+        return "—" if ok is None else "ok" if ok else "MISSED"
+
+    first, last = (k for k in rss if k.startswith("after_job_"))
+    head = (
+        f"brushbot soak: {c['jobs']} jobs from {c['users']} users through the service, tiny Z-Image "
+        f"{c['size']}x{c['size']}, {c['steps']} steps, ≤ {c['waiting_per_user']} waiting per user\n"
+        f"{describe(result['machine'])}"
+    )
+    body = table(
+        ["metric", "value", "goal", ""],
+        [
+            ["wall time s / jobs per s", f"{fmt(result['seconds'], 1)} / {fmt(result['jobs_per_second'], 1)}", "", ""],
+            ["delivered / submitted", f"{result['delivered']} / {result['submitted']}", "", ""],
+            ["jobs lost", str(result["lost_jobs"]), "0", mark(t["no_lost_jobs"])],
+            ["credit mismatches", str(result["credit_mismatches"]), "0", mark(t["no_credit_mismatches"])],
+            [f"RSS MB after job {first.removeprefix('after_job_')} / {last.removeprefix('after_job_')}",
+             f"{fmt(rss[first], 1)} / {fmt(rss[last], 1)}", "", ""],
+            ["RSS growth %", fmt(rss["growth_pct"], 2), "< 5", mark(t["rss_growth_pct"])],
+            ["event-loop lag p50 / p99 ms",
+             f"{fmt(result['loop_lag_ms']['p50_ms'])} / {fmt(result['loop_lag_ms']['p99_ms'])}", "", ""],
+        ],
+    )  # fmt: skip
+    return f"{head}\n\n{body}"
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Soak in a temporary folder (model, database, images); return the result."""
+    with tempfile.TemporaryDirectory(prefix="brushbot-soak-") as tmp:
+        return asyncio.run(_measure(cfg, Path(tmp)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=1000, help="jobs in all (default 1000)")
+    parser.add_argument("--users", type=int, default=50, help="users (default 50)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
+    parser.add_argument("--waiting", type=int, default=2, help="jobs each user keeps waiting (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--json", help="where to write the JSON (default $OUT or outputs/benchmarks)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or args.users < 1 or args.waiting < 1:
+        parser.error("--jobs, --users and --waiting must be at least 1")
+    quiet_logs()
+    cfg = Config(
+        jobs=args.jobs,
+        users=min(args.users, args.jobs),
+        size=args.size,
+        steps=args.steps,
+        waiting_per_user=args.waiting,
+        threads=args.threads,
+    )
+    result = run(cfg)
+    print(render(result))
+    path = write_json(results_path("soak.json", args.json), result)
+    print(f"\nJSON: {path}")
+    return 0 if result["lost_jobs"] == 0 and result["credit_mismatches"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The benchmarks run from a clean checkout: small versions of each, as the commands a person types.
+
+They start as subprocesses all at once (each sets process-wide torch threads and imports torch
+on its own), and each test then reads its own one's table and JSON. The assertions are about
+completeness and correctness (no job lost, credits add up), never about how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: a hang guard, not a speed assertion: the three together take seconds
+TIMEOUT = 600
+
+
+@dataclass
+class Ran:
+    """One finished benchmark command."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    data: dict[str, Any]
+
+
+class _Started:
+    def __init__(self, args: list[str], json_path: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "OUT"}
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self.json_path = json_path
+        self.process = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._ran: Ran | None = None
+
+    def result(self) -> Ran:
+        if self._ran is None:
+            try:
+                out, err = self.process.communicate(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                out, err = self.process.communicate()
+            data = json.loads(self.json_path.read_text()) if self.json_path.is_file() else {}
+            self._ran = Ran(returncode=self.process.returncode, stdout=out, stderr=err, data=data)
+        return self._ran
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Started]]:
+    folder = tmp_path_factory.mktemp("benchmarks")
+    started = {
+        "gpu": _Started(
+            ["benchmarks/gpu.py", "--tiny", "--images", "2", "--out", str(folder / "gpu")],
+            folder / "gpu" / "gpu.json",
+        ),
+        "overhead": _Started(
+            [
+                "benchmarks/overhead.py",
+                "--jobs",
+                "6",
+                "--rounds",
+                "2",
+                "--size",
+                "64",
+                "--json",
+                str(folder / "o.json"),
+            ],
+            folder / "o.json",
+        ),
+        "soak": _Started(
+            ["benchmarks/soak.py", "--jobs", "60", "--users", "5", "--json", str(folder / "soak.json")],
+            folder / "soak.json",
+        ),
+    }
+    try:
+        yield started
+    finally:
+        for run in started.values():
+            run.stop()
+
+
+def _finished(run: _Started) -> Ran:
+    ran = run.result()
+    assert ran.returncode == 0, f"exit {ran.returncode}\n{ran.stdout}\n{ran.stderr[-3000:]}"
+    assert ran.data, "no JSON written"
+    return ran
+
+
+def test_overhead_measures_the_bot_path_against_raw_calls(runs: dict[str, _Started]) -> None:
+    ran = _finished(runs["overhead"])
+    data = ran.data
+    assert "throughput ratio vs (a), end to end" in ran.stdout and "event-loop lag" in ran.stdout
+    assert data["lost_jobs"] == 0
+    assert data["bot"]["jobs_delivered"] == 12 and data["bot"]["jobs_failed"] == 0
+    # (c): the same jobs typed into private chats of the fake Telegram, photos uploaded by the adapter
+    telegram = data["telegram"]
+    assert telegram.get("jobs_delivered") == 12, telegram
+    assert telegram["lost_jobs"] == telegram["jobs_failed"] == 0
+    # the store agrees: every job of (b) and (c) and the warm-up delivered, nothing left running
+    by_state = data["bot"]["store"]["by_state"]
+    assert by_state["delivered"] == 25 and by_state["queued"] == by_state["running"] == 0
+    assert len(data["raw"]["rounds_s"]) == len(data["bot"]["rounds"]) == len(telegram["rounds"]) == 2
+    for key in ("median", "p95"):
+        assert data["added_latency_ms"][key] is not None and data["added_latency_ms"][key] >= 0
+    assert data["gpu_idle_gap_ms"]["count"] > 0
+    assert data["gpu_idle_gap_ms"]["median"] is not None and data["gpu_idle_gap_ms"]["max"] is not None
+    assert data["loop_lag_ms"]["samples"] > 0 and data["loop_lag_ms"]["p99"] is not None
+    assert data["throughput_ratio"] > 0 and data["bot"]["steady_ratio"] > 0 and data["rss_mb"]["peak"] > 0
+    assert set(data["targets"]) >= {"throughput_ratio", "loop_lag_p99_ms", "gpu_idle_gap_median_ms"}
+
+
+def test_soak_loses_nothing_and_credits_add_up(runs: dict[str, _Started]) -> None:
+    ran = _finished(runs["soak"])
+    data = ran.data
+    assert "jobs lost" in ran.stdout and "credit mismatches" in ran.stdout
+    assert data["lost_jobs"] == 0 and data["credit_mismatches"] == 0, data["credit_problems"]
+    assert data["submitted"] == data["delivered"] == 60
+    assert data["refused"] == data["failed"] == data["duplicate_deliveries"] == 0
+    assert data["store"]["by_state"]["delivered"] == 60 and data["store"]["unfinished"] == 0
+    assert data["store"]["credits_committed"] == 60  # one credit per 64² image
+    rss = data["rss_mb"]
+    assert rss["after_job_6"] > 0 and rss["after_job_60"] > 0 and rss["growth_pct"] is not None
+
+
+def test_gpu_benchmark_runs_tiny_on_the_cpu(runs: dict[str, _Started]) -> None:
+    ran = _finished(runs["gpu"])
+    data = ran.data
+    assert "configuration" in ran.stdout and "PNG encode ms" in ran.stdout
+    assert data["config"]["device"] in ("cpu", "cuda")
+    rows = {row["name"]: row for row in data["rows"]}
+    base = rows["baseline"]
+    assert base["status"] == "ok", base["note"]
+    assert base["raw_images"] == base["bot_images"] == base["burst_images"] == 2
+    assert base["raw_p50_ms"] > 0 and base["bot_p50_ms"] > 0
+    assert base["throughput_ratio"] > 0 and base["steady_ratio"] > 0
+    assert set(base["split_ms"]) == {"text_encoding", "denoising", "vae_decode", "to_pil", "png_encode"}
+    assert base["finite"] is True
+    # every speed-up has its row, measured or saying why not
+    assert "fp8 layerwise casting" in rows and "torch.compile repeated blocks" in rows
+    assert any(name.startswith("attention") for name in rows)
+    for row in data["rows"]:
+        assert row["status"] in ("ok", "partial", "skipped", "unavailable"), row
+        assert row["status"] == "ok" or row["note"]
