@@ -374,10 +374,10 @@ class Service:
             if live.started is not None
         ]
         elapsed = self._running_remaining()
-        for job_id, _user, cost in self._queue.snapshot()[:limit]:
+        for job_id in self._queue.order(limit):  # O(n + k log u): no full sort for a /queue view
             live = self._live[job_id]
             entries.append(QueueEntry(job=live.job, position=len(entries), eta_seconds=elapsed))
-            elapsed += cost
+            elapsed += live.job.gpu_seconds
         return QueueView(
             entries=tuple(entries), total_queued=len(self._queue), users_waiting=len(self._queue.users())
         )
