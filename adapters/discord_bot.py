@@ -299,6 +299,15 @@ class DiscordAdapter:
         self._filter: _RedactTokens | None = None
         self._filtered: list[logging.Logger] = []
         self._chats: dict[str, _JobChat] = {}
+        self._admin_permission = settings.discord_admin_permission or None
+        if (
+            self._admin_permission is not None
+            and self._admin_permission not in discord.Permissions.VALID_FLAGS
+        ):
+            raise ConfigError(
+                f"invalid setting DISCORD_ADMIN_PERMISSION (got {self._admin_permission!r}): "
+                "expected a Discord permission name such as manage_guild or administrator"
+            )
         self.synced: list[app_commands.AppCommand] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -497,7 +506,9 @@ class DiscordAdapter:
             await self._cancel(interaction, job.strip())
 
         async def help_(interaction: discord.Interaction) -> None:
-            await self._say(interaction, self._help_text(_user_ref(interaction.user)))
+            await self._say(
+                interaction, self._help_text(_user_ref(interaction.user), self._vouched(interaction))
+            )
 
         commands: list[app_commands.Command[Any, ..., Any] | app_commands.Group] = [
             app_commands.Command(name="draw", description="Draw a picture", callback=draw_cb),
@@ -518,7 +529,8 @@ class DiscordAdapter:
 
     def _admin_group(self) -> app_commands.Group:
         service = self.service
-        # Hidden from members without Manage Server by Discord; the service checks ADMIN_IDS again.
+        # Hidden from members without Manage Server by Discord; the service checks again: ADMIN_IDS,
+        # or DISCORD_ADMIN_PERMISSION held in this server when the operator set it.
         brush = app_commands.Group(
             name="brush",
             description="brushbot administration",
@@ -537,7 +549,9 @@ class DiscordAdapter:
             )
 
         async def show(interaction: discord.Interaction, user: discord.User) -> None:
-            view = await service.admin_show(_user_ref(interaction.user), _user_ref(user))
+            view = await service.admin_show(
+                _user_ref(interaction.user), _user_ref(user), vouched=self._vouched(interaction)
+            )
             text = messages.user_view_text(view)
             if not view.record.display_name:  # the store has not seen them draw yet
                 text = f"{who(user)}\n{text}"
@@ -546,31 +560,43 @@ class DiscordAdapter:
         async def set_(
             interaction: discord.Interaction, user: discord.User, credits: int | None = None
         ) -> None:
-            b = await service.admin_set(_user_ref(interaction.user), _user_ref(user), credits)
+            b = await service.admin_set(
+                _user_ref(interaction.user), _user_ref(user), credits, vouched=self._vouched(interaction)
+            )
             await self._say(interaction, balance_line(user, b))
 
         async def grant(interaction: discord.Interaction, user: discord.User, credits: int) -> None:
-            b = await service.admin_grant(_user_ref(interaction.user), _user_ref(user), credits)
+            b = await service.admin_grant(
+                _user_ref(interaction.user), _user_ref(user), credits, vouched=self._vouched(interaction)
+            )
             await self._say(interaction, balance_line(user, b))
 
         async def reset(interaction: discord.Interaction, user: discord.User) -> None:
-            b = await service.admin_reset(_user_ref(interaction.user), _user_ref(user))
+            b = await service.admin_reset(
+                _user_ref(interaction.user), _user_ref(user), vouched=self._vouched(interaction)
+            )
             await self._say(interaction, balance_line(user, b))
 
         async def ban(interaction: discord.Interaction, user: discord.User) -> None:
-            await service.admin_ban(_user_ref(interaction.user), _user_ref(user), True)
+            await service.admin_ban(
+                _user_ref(interaction.user), _user_ref(user), True, vouched=self._vouched(interaction)
+            )
             await self._say(interaction, f"{who(user)} is banned from drawing.")
 
         async def unban(interaction: discord.Interaction, user: discord.User) -> None:
-            await service.admin_ban(_user_ref(interaction.user), _user_ref(user), False)
+            await service.admin_ban(
+                _user_ref(interaction.user), _user_ref(user), False, vouched=self._vouched(interaction)
+            )
             await self._say(interaction, f"{who(user)} may draw again.")
 
         async def weight(interaction: discord.Interaction, user: discord.User, weight: float) -> None:
-            record = await service.admin_weight(_user_ref(interaction.user), _user_ref(user), weight)
+            record = await service.admin_weight(
+                _user_ref(interaction.user), _user_ref(user), weight, vouched=self._vouched(interaction)
+            )
             await self._say(interaction, f"{who(user)} now has queue weight {record.weight:g}.")
 
         async def stats(interaction: discord.Interaction) -> None:
-            data = await service.stats(_user_ref(interaction.user))
+            data = await service.stats(_user_ref(interaction.user), vouched=self._vouched(interaction))
             await self._say(interaction, "```\n" + messages.stats_text(data)[:1900] + "\n```")
 
         set_.__annotations__["credits"] = app_commands.Range[int, 0, 1_000_000]
@@ -622,7 +648,13 @@ class DiscordAdapter:
         )
         return brush
 
-    def _help_text(self, user: UserRef) -> str:
+    def _vouched(self, interaction: discord.Interaction[Any]) -> bool:
+        """Whether the member holds DISCORD_ADMIN_PERMISSION in this server (when it is set)."""
+        if self._admin_permission is None or interaction.guild is None:
+            return False
+        return bool(getattr(interaction.permissions, self._admin_permission, False))
+
+    def _help_text(self, user: UserRef, vouched: bool = False) -> str:
         sizes = ", ".join(self.service.profile.sizes) or "WxH"
         text = (
             f"{messages.HELP}\n\n"
@@ -630,7 +662,7 @@ class DiscordAdapter:
             "Reroll (same settings, new seed), Edit (change the prompt), Info, Delete. "
             "A job that finishes after 15 minutes is posted in the channel with a mention."
         )
-        if self.service.is_admin(user):
+        if self.service.is_admin(user, vouched=vouched):
             text += (
                 "\nAdmin: /brush quota show|set|grant|reset, /brush ban|unban, /brush weight, /brush stats"
             )
@@ -739,7 +771,9 @@ class DiscordAdapter:
 
     async def _cancel(self, interaction: discord.Interaction[Any], job_id: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        job = await self.service.cancel(_user_ref(interaction.user), job_id)
+        job = await self.service.cancel(
+            _user_ref(interaction.user), job_id, vouched=self._vouched(interaction)
+        )
         if job.state is JobState.CANCELLED:
             text = f"Cancelled job {job.id}." + ("" if job.free else f" {job.credits} credit(s) refunded.")
         else:
@@ -754,7 +788,7 @@ class DiscordAdapter:
         elif action == "cancel":
             await self._cancel(interaction, job_id)
         elif action == "delete":
-            await self.service.authorize_delete(actor, job_id)
+            await self.service.authorize_delete(actor, job_id, vouched=self._vouched(interaction))
             await interaction.response.defer()  # acknowledges the click without a new message
             await interaction.delete_original_response()  # the message the button is on
         elif action == "reroll":

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     discord_gateway_url: str | None = None
     discord_guild_id: int | None = None
     discord_spoiler: bool = False
+    #: a Discord permission (e.g. manage_guild) whose holders are admins too; empty = ADMIN_IDS only
+    discord_admin_permission: str | None = None
     telegram_base_url: str | None = None
     telegram_base_file_url: str | None = None
     telegram_allowed_chats: Annotated[list[int], NoDecode] = Field(default_factory=list)

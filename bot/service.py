@@ -179,8 +179,13 @@ class Service:
 
     # ------------------------------------------------------------------ helpers
 
-    def is_admin(self, user: UserRef) -> bool:
-        return user.key in self.settings.admins
+    def is_admin(self, user: UserRef, *, vouched: bool = False) -> bool:
+        """An admin is listed in ``ADMIN_IDS``, or ``vouched`` for by its adapter.
+
+        An adapter vouches only when the operator configured a platform permission that makes
+        admins (``DISCORD_ADMIN_PERMISSION``) and the platform says this user holds it here.
+        """
+        return vouched or user.key in self.settings.admins
 
     def _policy(self) -> CreditPolicy:
         return CreditPolicy(
@@ -206,8 +211,8 @@ class Service:
         if not task.cancelled() and task.exception() is not None:
             _log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
-    def _require_admin(self, actor: UserRef) -> None:
-        if not self.is_admin(actor):
+    def _require_admin(self, actor: UserRef, vouched: bool = False) -> None:
+        if not self.is_admin(actor, vouched=vouched):
             raise NotAuthorizedError("only bot admins can do that")
 
     def parse(self, text: str) -> DrawRequest:
@@ -400,19 +405,19 @@ class Service:
         if live is not None:
             live.job = replace(live.job, delivery={**live.job.delivery, **fields})
 
-    async def authorize_delete(self, actor: UserRef, job_id: str) -> Job:
+    async def authorize_delete(self, actor: UserRef, job_id: str, *, vouched: bool = False) -> Job:
         """The job, when ``actor`` may delete its result (the requester or an admin)."""
         job = await self.job(job_id)
-        if job.user != actor and not self.is_admin(actor):
+        if job.user != actor and not self.is_admin(actor, vouched=vouched):
             raise NotAuthorizedError("only the person who asked for this image or an admin can delete it")
         return job
 
     # ------------------------------------------------------------------ cancel
 
-    async def cancel(self, actor: UserRef, job_id: str) -> Job:
+    async def cancel(self, actor: UserRef, job_id: str, *, vouched: bool = False) -> Job:
         """Cancel a queued job (refunded at once) or interrupt a running one (refunded when it stops)."""
         job = await self.job(job_id)
-        if job.user != actor and not self.is_admin(actor):
+        if job.user != actor and not self.is_admin(actor, vouched=vouched):
             raise NotAuthorizedError("you can only cancel your own jobs")
         live = self._live.get(job_id)
         if live is None or job.state.final or job.state is JobState.DELIVERING:
@@ -604,37 +609,45 @@ class Service:
         record = await self.store.get_user(target)
         return record or await self.store.touch_user(target)
 
-    async def admin_show(self, actor: UserRef, target: UserRef) -> UserView:
-        self._require_admin(actor)
+    async def admin_show(self, actor: UserRef, target: UserRef, *, vouched: bool = False) -> UserView:
+        self._require_admin(actor, vouched)
         record = await self._target(target)
         balance = await self.store.balance(target, self._policy())
         history = await self.store.history(target, 10)
         return UserView(record=record, balance=balance, history=tuple(history))
 
-    async def admin_set(self, actor: UserRef, target: UserRef, amount: int | None) -> Balance:
-        self._require_admin(actor)
+    async def admin_set(
+        self, actor: UserRef, target: UserRef, amount: int | None, *, vouched: bool = False
+    ) -> Balance:
+        self._require_admin(actor, vouched)
         if amount is not None and not 0 <= amount <= 1_000_000:
             raise RequestError(f"allowance {amount} is out of range: allowed 0–1000000")
         return await self.store.set_allowance(target, amount, actor=actor.key, policy=self._policy())
 
-    async def admin_grant(self, actor: UserRef, target: UserRef, amount: int) -> Balance:
-        self._require_admin(actor)
+    async def admin_grant(
+        self, actor: UserRef, target: UserRef, amount: int, *, vouched: bool = False
+    ) -> Balance:
+        self._require_admin(actor, vouched)
         if amount == 0 or not -1_000_000 <= amount <= 1_000_000:
             raise RequestError(f"grant {amount} is out of range: allowed -1000000–1000000, not 0")
         return await self.store.grant(target, amount, actor=actor.key, policy=self._policy())
 
-    async def admin_reset(self, actor: UserRef, target: UserRef) -> Balance:
-        self._require_admin(actor)
+    async def admin_reset(self, actor: UserRef, target: UserRef, *, vouched: bool = False) -> Balance:
+        self._require_admin(actor, vouched)
         return await self.store.reset(target, actor=actor.key, policy=self._policy())
 
-    async def admin_ban(self, actor: UserRef, target: UserRef, banned: bool = True) -> UserRecord:
-        self._require_admin(actor)
+    async def admin_ban(
+        self, actor: UserRef, target: UserRef, banned: bool = True, *, vouched: bool = False
+    ) -> UserRecord:
+        self._require_admin(actor, vouched)
         if banned and self.is_admin(target):
             raise RequestError("admins cannot be banned; remove them from ADMIN_IDS first")
         return await self.store.set_banned(target, banned, actor=actor.key)
 
-    async def admin_weight(self, actor: UserRef, target: UserRef, weight: float) -> UserRecord:
-        self._require_admin(actor)
+    async def admin_weight(
+        self, actor: UserRef, target: UserRef, weight: float, *, vouched: bool = False
+    ) -> UserRecord:
+        self._require_admin(actor, vouched)
         if not 0.01 <= weight <= 100:
             raise RequestError(f"weight {weight:g} is out of range: allowed 0.01–100")
         record = await self.store.set_weight(target, weight, actor=actor.key)
@@ -649,8 +662,8 @@ class Service:
         record = await self.store.find_user(platform, name)
         return record.user if record else None
 
-    async def stats(self, actor: UserRef) -> dict[str, Any]:
-        self._require_admin(actor)
+    async def stats(self, actor: UserRef, *, vouched: bool = False) -> dict[str, Any]:
+        self._require_admin(actor, vouched)
         stats = dict(await self.store.job_stats())
         stats.update(
             queued=len(self._queue),

@@ -26,6 +26,7 @@ from tests.fakes.discord_server import (
     DEFERRED_CHANNEL_MESSAGE,
     EPHEMERAL,
     MANAGE_GUILD,
+    MEMBER_PERMISSIONS,
     MODAL,
     FakeDiscord,
     FakeInteraction,
@@ -479,6 +480,25 @@ async def test_admin_commands_are_refused_to_members_and_work_for_admins(
     assert "banned" in await ephemeral_answer(fake, refused)
     assert refused.original_message_id not in fake.messages  # the public "thinking" message is gone
     assert await bot.store.user_jobs(target_ref) == []
+
+
+async def test_a_configured_server_permission_makes_admins(
+    fake: FakeDiscord, make_bot: Callable[..., Any]
+) -> None:
+    manager = fake.add_user("manager", permissions=MEMBER_PERMISSIONS | MANAGE_GUILD)
+    target = fake.add_user("target2")
+    bot = await make_bot(discord_admin_permission=None)
+    it = await fake.slash("brush quota grant", manager, user=target, credits=2)
+    assert await ephemeral_answer(fake, it) == "only bot admins can do that"  # ADMIN_IDS only by default
+    await bot.stop()
+
+    bot = await make_bot(discord_admin_permission="manage_guild")
+    it = await fake.slash("brush quota grant", manager, user=target, credits=2)
+    assert "credit(s) available" in await ephemeral_answer(fake, it)
+    it = await fake.slash("brush stats", fake.add_user("plain"))
+    assert await ephemeral_answer(fake, it) == "only bot admins can do that"
+    grants = await bot.store.history(UserRef(platform="discord", id=str(target.id)))
+    assert [e.actor for e in grants] == [f"discord:{manager.id}"]
 
 
 async def test_no_credits_left_is_a_clear_message_and_no_job(
