@@ -165,37 +165,10 @@ async def draw(settings: Settings, words: Sequence[str]) -> list[str]:
 
 def doctor(settings: Settings) -> int:
     """Print what brushbot would run on, without loading the model."""
-    import torch
+    from generation.loading import doctor_report
 
-    from generation.loading import estimate_weights_bytes, plan_device
-    from generation.presets import is_local, repo_for, resolve_profile
-
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}")
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(i)
-            name = torch.cuda.get_device_name(i)
-            print(f"cuda:{i} {name}: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
-    else:
-        print("cuda: not available (CPU only)")
-    plan = plan_device(settings)
-    print(f"plan: {plan.describe()}")
-    profile = resolve_profile(settings.model, cache_dir=settings.model_cache_dir)
-    print(f"model: {settings.model} -> {repo_for(settings.model)} ({profile.family}, "
-          f"{profile.default_width}x{profile.default_height}, {profile.default_steps} steps, "
-          f"cfg {profile.default_guidance:g})")  # fmt: skip
-    weights = estimate_weights_bytes(settings.model, settings.model_cache_dir)
-    if settings.model == "tiny":
-        reachable = "built on first use (random weights: it draws noise)"
-    elif is_local(settings.model):
-        reachable = (
-            "local folder found" if Path(settings.model).expanduser().is_dir() else "local folder MISSING"
-        )
-    elif weights:
-        reachable = f"in the cache ({weights / 2**30:.1f} GiB)"
-    else:
-        reachable = "not in the cache: it will be downloaded on first start"
-    print(f"model files: {reachable}")
+    for line in doctor_report(settings):
+        print(line)
     for name, is_set in settings.tokens_set().items():
         print(f"{name}: {'set' if is_set else 'not set'}")
     print(f"database: {settings.db_path} · outputs: {settings.output_dir} · admins: {len(settings.admins)}")

@@ -12,7 +12,7 @@ from typing import Any
 from bot.config import Device, DType, Offload, Settings
 from bot.domain import ModelProfile
 from bot.errors import ConfigError
-from generation.presets import PRESETS, TINY, is_local, preferred_dtype, preset_for, resolve_profile
+from generation.presets import PRESETS, TINY, is_local, preferred_dtype, preset_for, repo_for, resolve_profile
 from generation.tiny import MARKER_FILE, build_tiny_pipeline
 
 _log = logging.getLogger(__name__)
@@ -228,3 +228,39 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     _log.info("loaded %s from %s in %.1f s", profile.name, source, time.perf_counter() - started)
     return pipe, profile, plan
+
+
+def doctor_report(settings: Settings) -> list[str]:
+    """What ``python -m bot doctor`` says about torch, the devices, the plan and the model files.
+
+    Probes the machine but loads no weights.
+    """
+    import sys
+
+    import torch
+
+    lines = [f"python {sys.version.split()[0]}, torch {torch.__version__}"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            lines.append(f"cuda:{i} {torch.cuda.get_device_name(i)}: {_gb(free)} free of {_gb(total)}")
+    else:
+        lines.append("cuda: not available (CPU only)")
+    lines.append(f"plan: {plan_device(settings).describe()}")
+    model = settings.model
+    profile = resolve_profile(model, cache_dir=settings.model_cache_dir)
+    lines.append(
+        f"model: {model} -> {repo_for(model)} ({profile.family}, {profile.default_width}x{profile.default_height}, "
+        f"{profile.default_steps} steps, cfg {profile.default_guidance:g})"
+    )
+    weights = estimate_weights_bytes(model, settings.model_cache_dir)
+    if model == TINY:
+        reachable = "built on first use (random weights: it draws noise)"
+    elif is_local(model):
+        reachable = "local folder found" if Path(model).expanduser().is_dir() else "local folder MISSING"
+    elif weights:
+        reachable = f"in the cache ({_gb(weights)})"
+    else:
+        reachable = "not in the cache: it will be downloaded on first start"
+    lines.append(f"model files: {reachable}")
+    return lines

@@ -37,8 +37,12 @@ def _imports(tree: ast.AST, top_level_only: bool) -> set[str]:
 def test_core_modules_import_no_platform_library() -> None:
     for path in sorted((ROOT / "bot").glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
+        # no library anywhere in bot/, not even inside a function
+        bad = _imports(tree, top_level_only=False) & FORBIDDEN
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+        # the other packages only inside the composition root's functions
         imported = _imports(tree, top_level_only=path == COMPOSITION_ROOT)
-        bad = imported & (FORBIDDEN | {"adapters", "generation", "data"})
+        bad = imported & {"adapters", "generation", "data"}
         assert not bad, f"{path.name} imports {sorted(bad)}"
 
 
