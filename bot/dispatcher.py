@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from bot.fairqueue import FairQueue
@@ -29,9 +28,6 @@ class Dispatcher:
         self._execute = execute
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        #: (worker name, gap seconds) between one job's end and the next one's start while work waited
-        self.idle_gaps: list[float] = []
-        self._last_end: dict[str, float] = {}
 
     @property
     def workers(self) -> list[Generator]:
@@ -61,19 +57,13 @@ class Dispatcher:
         while True:
             job_id = self._queue.pop()
             if job_id is None:
-                self._last_end.pop(worker.name, None)  # idle because there is no work: not a gap
                 self._wakeup.clear()
                 if len(self._queue) == 0:
                     await self._wakeup.wait()
                 continue
-            last = self._last_end.get(worker.name)
-            if last is not None:
-                self.idle_gaps.append(time.perf_counter() - last)
-                del self.idle_gaps[:-1000]
             try:
                 await self._execute(worker, job_id)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 _log.exception("job %s crashed the dispatcher step; continuing", job_id)
-            self._last_end[worker.name] = time.perf_counter()

@@ -142,9 +142,9 @@ def credit_cost(request: DrawRequest, profile: ModelProfile) -> int:
     return per_image * request.count
 
 
-def gpu_cost(request: DrawRequest, seconds_per_mpx_step: float, guidance_doubles: bool) -> float:
-    """Estimated GPU seconds of a request: steps × megapixels × images × speed."""
-    passes = 2.0 if guidance_doubles and request.guidance > 0 else 1.0
+def gpu_cost(request: DrawRequest, seconds_per_mpx_step: float) -> float:
+    """Estimated GPU seconds of a request: steps × megapixels × images × speed, twice with CFG."""
+    passes = 2.0 if request.guidance > 0 else 1.0
     return request.steps * request.megapixels * request.count * seconds_per_mpx_step * passes
 
 

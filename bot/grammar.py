@@ -12,9 +12,13 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bot.domain import DrawRequest, ModelProfile
 from bot.errors import RequestError
+
+if TYPE_CHECKING:
+    from bot.config import Settings
 
 MAX_SEED = 2**32 - 1
 
@@ -50,13 +54,13 @@ class Limits:
     default_negative_prompt: str = ""
 
     @classmethod
-    def from_settings(cls, settings: object) -> Limits:
+    def from_settings(cls, settings: Settings) -> Limits:
         return cls(
-            max_steps=settings.max_steps,  # type: ignore[attr-defined]
-            max_images=settings.max_images,  # type: ignore[attr-defined]
-            max_pixels=settings.max_pixels,  # type: ignore[attr-defined]
-            max_prompt_chars=settings.max_prompt_chars,  # type: ignore[attr-defined]
-            default_negative_prompt=settings.default_negative_prompt,  # type: ignore[attr-defined]
+            max_steps=settings.max_steps,
+            max_images=settings.max_images,
+            max_pixels=settings.max_pixels,
+            max_prompt_chars=settings.max_prompt_chars,
+            default_negative_prompt=settings.default_negative_prompt,
         )
 
 

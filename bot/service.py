@@ -40,7 +40,6 @@ from bot.domain import (
 )
 from bot.errors import (
     BannedError,
-    BotError,
     CancelledError,
     DeliveryError,
     GenerationError,
@@ -224,7 +223,7 @@ class Service:
         return build_request(options, self.profile, self.limits)
 
     def estimate(self, request: DrawRequest) -> float:
-        return gpu_cost(request, self._speed, guidance_doubles=True)
+        return gpu_cost(request, self._speed)
 
     def cost(self, request: DrawRequest) -> int:
         """Credits a request costs (shown before it runs)."""
@@ -233,14 +232,13 @@ class Service:
     # ------------------------------------------------------------------ submit
 
     def _check_content(self, request: DrawRequest, *, nsfw_allowed: bool) -> None:
-        text = f"{request.prompt}\n{request.negative_prompt}"
+        # Only the prompt: a negative prompt that names a word asks for its absence.
         word = find_blocked(request.prompt, self.settings.blocked_words)
         if word is not None:
             raise RequestError(f"the prompt contains a blocked word ({word}); nothing was queued")
-        if not nsfw_allowed:
-            word = find_blocked(text, self.settings.nsfw_words)
-            if word is not None and find_blocked(request.prompt, [word]) is not None:
-                raise RequestError(f"“{word}” is only allowed in channels marked NSFW; nothing was queued")
+        word = None if nsfw_allowed else find_blocked(request.prompt, self.settings.nsfw_words)
+        if word is not None:
+            raise RequestError(f"“{word}” is only allowed in channels marked NSFW; nothing was queued")
 
     async def submit(
         self,
@@ -477,8 +475,7 @@ class Service:
         self._spawn(self._finish(live, rendered), f"finish-{job_id}")
 
     def _learn_speed(self, job: Job, rendered: Rendered) -> None:
-        work = job.request.steps * job.request.megapixels * job.request.count
-        work *= 2.0 if job.request.guidance > 0 else 1.0
+        work = gpu_cost(job.request, 1.0)  # megapixel-steps, doubled with CFG
         if work > 0 and rendered.seconds > 0:
             self._speed = 0.7 * self._speed + 0.3 * (rendered.seconds / work)
 
@@ -689,4 +686,4 @@ def _saved_outputs(job: Job) -> list[SavedImage] | None:
     ]
 
 
-__all__ = ["BotError", "QueueEntry", "QueueView", "Service", "UserView"]
+__all__ = ["QueueEntry", "QueueView", "Service", "UserView"]
