@@ -90,7 +90,6 @@ class _Round:
     submitted: dict[int, float]  # seed → when it was submitted (perf_counter)
     delivered: dict[int, float]  # seed → when the reply side had the image
     lag: list[float]
-    dispatcher_gaps: list[float]
     failed: int
 
 
@@ -106,7 +105,7 @@ def _raw_round(pipe: TimedPipeline, cfg: Config) -> _Round:
     calls = pipe.take()
     return _Round(
         seconds=seconds, cpu=time.process_time() - cpu, calls=calls, submitted={},
-        delivered={c.seed: c.end for c in calls}, lag=[], dispatcher_gaps=[], failed=0,
+        delivered={c.seed: c.end for c in calls}, lag=[], failed=0,
     )  # fmt: skip
 
 
@@ -117,7 +116,6 @@ async def _timed_round(
     """Run one round through a bot path: submit everything, wait for every delivery, measure."""
     service = path.service
     pipe.take()
-    gaps_before = len(service.dispatcher.idle_gaps)
     cpu = time.process_time()
     started = time.perf_counter()
     async with LoopLag() as lag:
@@ -128,8 +126,6 @@ async def _timed_round(
     await service.wait_idle()
     return _Round(
         seconds=seconds, cpu=cpu, calls=pipe.take(), submitted=submitted, delivered=delivered, lag=lag.samples,
-        # the dispatcher keeps its last 1,000 gaps; a round of more jobs than that reports none
-        dispatcher_gaps=list(service.dispatcher.idle_gaps)[gaps_before:] if gaps_before < 1000 else [],
         failed=failed,
     )  # fmt: skip
 
@@ -294,7 +290,6 @@ def _summary(rounds: list[_Round], raw: list[_Round], cfg: Config) -> dict[str, 
             "count": len(gaps),
             "median": ms(quantile(gaps, 0.5)),
             "max": ms(max(gaps) if gaps else None),
-            "dispatcher_median": ms(quantile([g for r in rounds for g in r.dispatcher_gaps], 0.5)),
         },
         "loop_lag_ms": {
             "samples": len(lag),

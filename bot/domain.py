@@ -162,6 +162,11 @@ class JobState(enum.StrEnum):
     def final(self) -> bool:
         return self in (JobState.DELIVERED, JobState.FAILED, JobState.CANCELLED)
 
+    @property
+    def cancellable(self) -> bool:
+        """Queued or drawing: once the images exist, delivery is no longer cancelled."""
+        return self in (JobState.QUEUED, JobState.RUNNING)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Job:

@@ -99,7 +99,7 @@ class _Live:
     started: float | None = None
     progress: Progress | None = None
     last_progress: float = 0.0
-    progress_busy: bool = False
+    progress_task: asyncio.Task[None] | None = None
 
 
 class Service:
@@ -210,7 +210,8 @@ class Service:
         if not task.cancelled() and task.exception() is not None:
             _log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
-    def _require_admin(self, actor: UserRef, vouched: bool = False) -> None:
+    def require_admin(self, actor: UserRef, vouched: bool = False) -> None:
+        """Raise ``NotAuthorizedError`` unless ``actor`` is an admin (see ``is_admin``)."""
         if not self.is_admin(actor, vouched=vouched):
             raise NotAuthorizedError("only bot admins can do that")
 
@@ -418,7 +419,7 @@ class Service:
         if job.user != actor and not self.is_admin(actor, vouched=vouched):
             raise NotAuthorizedError("you can only cancel your own jobs")
         live = self._live.get(job_id)
-        if live is None or job.state.final or job.state is JobState.DELIVERING:
+        if live is None or not job.state.cancellable:
             raise RequestError(f"job {job_id} has already finished ({job.state.value})")
         who = "you" if actor == job.user else "an admin"
         if self._queue.remove(job_id):
@@ -480,15 +481,17 @@ class Service:
             self._speed = 0.7 * self._speed + 0.3 * (rendered.seconds / work)
 
     def _on_progress(self, live: _Live, step: int, total: int) -> None:
+        if live.started is None:
+            return  # generation has ended: no progress may follow the result
         now = time.perf_counter()
-        live.progress = Progress(step=step, total=total, elapsed=now - (live.started or now))
-        if live.reply is None or not live.ready.is_set() or live.progress_busy:
+        live.progress = Progress(step=step, total=total, elapsed=now - live.started)
+        busy = live.progress_task is not None and not live.progress_task.done()
+        if live.reply is None or not live.ready.is_set() or busy:
             return
         if step < total and now - live.last_progress < self.settings.progress_interval:
             return
         live.last_progress = now
-        live.progress_busy = True
-        self._spawn(self._send_progress(live, live.progress), f"progress-{live.job.id}")
+        live.progress_task = self._spawn(self._send_progress(live, live.progress), f"progress-{live.job.id}")
 
     async def _send_progress(self, live: _Live, progress: Progress) -> None:
         try:
@@ -496,8 +499,12 @@ class Service:
             await live.reply.progress(live.job, progress)
         except Exception as err:
             _log.debug("progress for job %s not shown: %s", live.job.id, err)
-        finally:
-            live.progress_busy = False
+
+    @staticmethod
+    async def _progress_settled(live: _Live) -> None:
+        """Let an in-flight progress update land before the result, so it cannot overwrite it."""
+        if live.progress_task is not None and not live.progress_task.done():
+            await asyncio.wait([live.progress_task])
 
     async def _finish(self, live: _Live, rendered: Rendered) -> None:
         job = live.job
@@ -519,6 +526,7 @@ class Service:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(live.ready.wait(), timeout=30)
+        await self._progress_settled(live)
         attempts = len(self._backoff) + 1
         for attempt in range(attempts):
             try:
@@ -559,6 +567,7 @@ class Service:
                 _log.info("job %s %s%s", job.id, state.value, f": {error}" if error else "")
             if notify and changed and live.reply is not None and error is not None:
                 refund = "" if job.free else f" Your {job.credits} credit(s) were refunded."
+                await self._progress_settled(live)
                 try:
                     await live.reply.failed(live.job, error.rstrip(".") + "." + refund)
                 except Exception as err:
@@ -607,7 +616,7 @@ class Service:
         return record or await self.store.touch_user(target)
 
     async def admin_show(self, actor: UserRef, target: UserRef, *, vouched: bool = False) -> UserView:
-        self._require_admin(actor, vouched)
+        self.require_admin(actor, vouched)
         record = await self._target(target)
         balance = await self.store.balance(target, self._policy())
         history = await self.store.history(target, 10)
@@ -616,7 +625,7 @@ class Service:
     async def admin_set(
         self, actor: UserRef, target: UserRef, amount: int | None, *, vouched: bool = False
     ) -> Balance:
-        self._require_admin(actor, vouched)
+        self.require_admin(actor, vouched)
         if amount is not None and not 0 <= amount <= 1_000_000:
             raise RequestError(f"allowance {amount} is out of range: allowed 0–1000000")
         return await self.store.set_allowance(target, amount, actor=actor.key, policy=self._policy())
@@ -624,19 +633,19 @@ class Service:
     async def admin_grant(
         self, actor: UserRef, target: UserRef, amount: int, *, vouched: bool = False
     ) -> Balance:
-        self._require_admin(actor, vouched)
+        self.require_admin(actor, vouched)
         if amount == 0 or not -1_000_000 <= amount <= 1_000_000:
             raise RequestError(f"grant {amount} is out of range: allowed -1000000–1000000, not 0")
         return await self.store.grant(target, amount, actor=actor.key, policy=self._policy())
 
     async def admin_reset(self, actor: UserRef, target: UserRef, *, vouched: bool = False) -> Balance:
-        self._require_admin(actor, vouched)
+        self.require_admin(actor, vouched)
         return await self.store.reset(target, actor=actor.key, policy=self._policy())
 
     async def admin_ban(
         self, actor: UserRef, target: UserRef, banned: bool = True, *, vouched: bool = False
     ) -> UserRecord:
-        self._require_admin(actor, vouched)
+        self.require_admin(actor, vouched)
         if banned and self.is_admin(target):
             raise RequestError("admins cannot be banned; remove them from ADMIN_IDS first")
         return await self.store.set_banned(target, banned, actor=actor.key)
@@ -644,7 +653,7 @@ class Service:
     async def admin_weight(
         self, actor: UserRef, target: UserRef, weight: float, *, vouched: bool = False
     ) -> UserRecord:
-        self._require_admin(actor, vouched)
+        self.require_admin(actor, vouched)
         if not 0.01 <= weight <= 100:
             raise RequestError(f"weight {weight:g} is out of range: allowed 0.01–100")
         record = await self.store.set_weight(target, weight, actor=actor.key)
@@ -660,7 +669,7 @@ class Service:
         return record.user if record else None
 
     async def stats(self, actor: UserRef, *, vouched: bool = False) -> dict[str, Any]:
-        self._require_admin(actor, vouched)
+        self.require_admin(actor, vouched)
         stats = dict(await self.store.job_stats())
         stats.update(
             queued=len(self._queue),

@@ -396,8 +396,13 @@ class SqliteStore:
         async with self._write() as db:
             await self._ensure(db, user)
             before = await self._balance(db, user, policy)
+            # Jobs still queued or running keep what they reserved, so their refunds stay exact.
             await db.execute(
-                "UPDATE usage SET used = 0 WHERE platform = ? AND user_id = ? AND period = ?",
+                f"""UPDATE usage SET used = (
+                        SELECT COALESCE(SUM(charge_allowance), 0) FROM jobs
+                        WHERE platform = usage.platform AND user_id = usage.user_id
+                          AND charge_period = usage.period AND state IN ({_UNFINISHED_SQL}))
+                    WHERE platform = ? AND user_id = ? AND period = ?""",
                 (user.platform, user.id, policy.period),
             )
             after = await self._balance(db, user, policy)
@@ -407,7 +412,9 @@ class SqliteStore:
                 LedgerKind.RESET,
                 after.available - before.available,
                 actor=actor,
-                note=f"used {before.used} -> 0",
+                note=f"used {before.used} -> {after.used} (still reserved by unfinished jobs)"
+                if after.used
+                else f"used {before.used} -> 0",
                 period=policy.period,
             )
             return after
@@ -596,9 +603,8 @@ class SqliteStore:
                 return True
             from_allowance, from_bonus = int(row["charge_allowance"]), int(row["charge_bonus"])
             if from_allowance:
-                # max(0, …): an admin reset may already have cleared what this job used
                 await db.execute(
-                    "UPDATE usage SET used = max(0, used - ?) WHERE platform = ? AND user_id = ? AND period = ?",
+                    "UPDATE usage SET used = used - ? WHERE platform = ? AND user_id = ? AND period = ?",
                     (from_allowance, user.platform, user.id, period),
                 )
             if from_bonus:

@@ -392,3 +392,38 @@ async def test_positions_and_queue_view(h: Harness) -> None:
     assert {e.job.request.prompt for e in mine} == {"a0", "a1"}
     h.gen.hold = False
     h.gen.release()
+
+
+class SlowProgressReply:
+    """A chat whose progress edits are slow: records when each call starts and ends."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    async def queued(self, job: Any, ticket: Any) -> None:
+        self.log.append("queued")
+
+    async def progress(self, job: Any, progress: Any) -> None:
+        self.log.append("progress-start")
+        await asyncio.sleep(0.05)
+        self.log.append("progress-end")
+
+    async def delivered(self, job: Any, images: Any) -> None:
+        self.log.append("delivered")
+
+    async def failed(self, job: Any, message: str) -> None:
+        self.log.append("failed")
+
+
+@pytest.mark.parametrize("outcome", ["delivered", "failed"])
+async def test_no_progress_lands_after_the_result(h: Harness, outcome: str) -> None:
+    log: list[str] = []
+    h.service.register("test", lambda job: SlowProgressReply(log))
+    if outcome == "failed":
+        h.gen.errors.append(OutOfMemoryError("out of memory"))
+    await h.draw(ALICE, "slow chat --steps 6")
+    await h.settled()
+    assert log[0] == "queued" and log[-1] == outcome
+    assert "progress-start" in log
+    assert log.count("progress-start") == log.count("progress-end")  # every edit finished before the result
+    assert log.index(outcome) > max(i for i, e in enumerate(log) if e == "progress-end")

@@ -216,6 +216,27 @@ async def test_reserve_spends_allowance_first_and_refund_returns_the_exact_split
     )
 
 
+async def test_reset_keeps_unfinished_reservations_so_refunds_stay_exact(store: SqliteStore) -> None:
+    big = CreditPolicy(allowance=10, period=TODAY.period)
+    await store.add_job(make_job("done", credits=2), policy=big)
+    assert await store.finish_job("done", JobState.DELIVERED, at=1.0)
+    await store.add_job(make_job("waiting", credits=3), policy=big)
+    after_reset = await store.reset(ALICE, actor=ADMIN, policy=big)
+    assert (after_reset.used, after_reset.available) == (3, 7)  # only the delivered job is forgiven
+    await store.add_job(make_job("later", credits=5), policy=big)
+    assert await store.finish_job("waiting", JobState.FAILED, at=2.0)
+    balance = await store.balance(ALICE, big)
+    assert (balance.used, balance.available) == (5, 5)  # "later" still holds its 5; nothing given twice
+
+
+async def test_a_failed_write_changes_nothing(store: SqliteStore) -> None:
+    await store.add_job(make_job("dup", credits=2), policy=TODAY)
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.add_job(make_job("dup", credits=2), policy=TODAY)
+    assert (await store.balance(ALICE, TODAY)).used == 2
+    assert [e.kind for e in await store.history(ALICE)] == [LedgerKind.RESERVE]
+
+
 async def test_finish_job_is_idempotent(store: SqliteStore) -> None:
     await store.add_job(make_job("j"), policy=TODAY)
     assert await store.finish_job("j", JobState.DELIVERED, at=3.0) is True
@@ -265,6 +286,7 @@ async def test_admin_operations_are_in_the_ledger_with_actor(store: SqliteStore,
     assert (await store.grant(ALICE, -4, actor=ADMIN, policy=TODAY)).bonus == 6
     assert (await store.set_allowance(ALICE, 50, actor=ADMIN, policy=TODAY)).allowance == 50
     await store.add_job(make_job("a", credits=20), policy=TODAY)
+    assert await store.finish_job("a", JobState.DELIVERED, at=1.0)
     assert (await store.reset(ALICE, actor=ADMIN, policy=TODAY)).used == 0
     assert (await store.set_allowance(ALICE, None, actor=ADMIN, policy=TODAY)).allowance == 5
     clock.now += 60
@@ -283,6 +305,7 @@ async def test_admin_operations_are_in_the_ledger_with_actor(store: SqliteStore,
         (LedgerKind.BAN, 0, ADMIN),
         (LedgerKind.SET, -45, ADMIN),  # allowance 50 -> 5 with nothing used: 45 fewer available
         (LedgerKind.RESET, 20, ADMIN),
+        (LedgerKind.COMMIT, 0, None),
         (LedgerKind.RESERVE, -20, ALICE.key),
         (LedgerKind.SET, 45, ADMIN),
         (LedgerKind.GRANT, -4, ADMIN),
