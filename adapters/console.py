@@ -128,7 +128,7 @@ class ConsoleAdapter:
             self.say(messages.queue_text(svc.queue_view()))
         elif command == "/cancel":
             job = await svc.cancel(self.user, rest.strip())
-            self.say(f"Cancelling job {job.id}")
+            self.say(messages.cancel_text(job))
         elif command == "/stats":
             self.say(messages.stats_text(await svc.stats(self.user)))
         elif command in ("/help", "/start"):

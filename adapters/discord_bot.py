@@ -39,6 +39,7 @@ from bot.config import Settings
 from bot.domain import Balance, Job, JobState, Progress, SavedImage, Ticket, UploadFile, UserRef
 from bot.errors import BotError, ConfigError, DeliveryError, NoCreditsError, RequestError, UnreachableError
 from bot.grammar import MAX_SEED, RawOptions, split_flags
+from bot.logs import guard_logs
 from bot.ports import Reply
 from bot.service import Service
 
@@ -59,6 +60,8 @@ _EDIT_FORM = re.compile(r"bb:editform:(?P<job>[0-9a-f]{1,32})")
 # interaction tokens appear in webhook URLs and in the gateway payloads discord.py logs at DEBUG
 _URL_TOKEN = re.compile(r"(/(?:webhooks|interactions)/\d+/)[A-Za-z0-9_.\-]+")
 _FIELD_TOKEN = re.compile(r"""(['"]token['"]\s*:\s*['"])[^'"]+""")
+#: loggers (and their children) whose records get the tokens redacted at the source
+_REDACTED_LOGGERS = ("discord", "aiosqlite", "adapters", "bot", "data", "generation", "asyncio")
 
 # network trouble worth retrying later
 _TRANSIENT = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
@@ -127,26 +130,6 @@ def _modal_values(data: Any) -> dict[str, str]:
 
     walk((data or {}).get("components"))
     return values
-
-
-class _RedactTokens(logging.Filter):
-    """Keeps the bot token and interaction tokens out of discord.py's (and our) log records."""
-
-    def __init__(self, secret: str) -> None:
-        super().__init__()
-        self._secret = secret
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record is the handler's to report, not this filter's
-            return True
-        cleaned = message.replace(self._secret, "[redacted]") if self._secret else message
-        cleaned = _URL_TOKEN.sub(r"\1[redacted]", cleaned)
-        cleaned = _FIELD_TOKEN.sub(r"\1[redacted]", cleaned)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
 
 
 @dataclass(slots=True)
@@ -296,8 +279,7 @@ class DiscordAdapter:
         self._client: _BrushClient | None = None
         self._runner: asyncio.Task[None] | None = None
         self._saved_endpoints: tuple[str, yarl.URL] | None = None
-        self._filter: _RedactTokens | None = None
-        self._filtered: list[logging.Logger] = []
+        self._unguard: Callable[[], None] | None = None
         self._chats: dict[str, _JobChat] = {}
         self._admin_permission = settings.discord_admin_permission or None
         if (
@@ -402,21 +384,15 @@ class DiscordAdapter:
             self._saved_endpoints = None
 
     def _install_filter(self, secret: str) -> None:
-        # Logger filters do not apply to child loggers, so each discord.py logger gets one;
-        # aiosqlite logs SQL parameters at DEBUG, and job deliveries hold interaction tokens.
-        self._filter = _RedactTokens(secret)
-        names = [n for n in logging.root.manager.loggerDict if n == "discord" or n.startswith("discord.")]
-        for name in [*names, "aiosqlite", __name__]:
-            logger = logging.getLogger(name)
-            logger.addFilter(self._filter)
-            self._filtered.append(logger)
+        # The bot token and interaction tokens, on the root handlers and on discord.py's and our
+        # loggers; aiosqlite logs SQL parameters at DEBUG, and job deliveries hold interaction tokens.
+        self._remove_filter()
+        self._unguard = guard_logs([secret], (_URL_TOKEN, _FIELD_TOKEN), _REDACTED_LOGGERS)
 
     def _remove_filter(self) -> None:
-        if self._filter is not None:
-            for logger in self._filtered:
-                logger.removeFilter(self._filter)
-        self._filtered.clear()
-        self._filter = None
+        if self._unguard is not None:
+            self._unguard()
+            self._unguard = None
 
     # ------------------------------------------------------------------ commands
 
@@ -493,7 +469,7 @@ class DiscordAdapter:
             buttons = [
                 _JobButton("cancel", e.job.id, label=f"Cancel {e.job.id}")
                 for e in entries
-                if not e.job.state.final and e.job.state is not JobState.DELIVERING
+                if e.job.state.cancellable
             ][:25]
             await self._say(
                 interaction, messages.jobs_text(entries), view=_view(*buttons) if buttons else None
@@ -774,11 +750,7 @@ class DiscordAdapter:
         job = await self.service.cancel(
             _user_ref(interaction.user), job_id, vouched=self._vouched(interaction)
         )
-        if job.state is JobState.CANCELLED:
-            text = f"Cancelled job {job.id}." + ("" if job.free else f" {job.credits} credit(s) refunded.")
-        else:
-            text = f"Stopping job {job.id}; its credits are refunded when it stops."
-        await interaction.followup.send(text, ephemeral=True)
+        await interaction.followup.send(messages.cancel_text(job), ephemeral=True)
 
     async def _on_button(self, interaction: discord.Interaction[Any], action: str, job_id: str) -> None:
         actor = _user_ref(interaction.user)
@@ -946,7 +918,7 @@ class DiscordAdapter:
         ]
 
     def _result_text(self, job: Job, uploads: Sequence[UploadFile], *, room: int) -> str:
-        seconds = self._clock() - job.started_at if job.started_at else None
+        seconds = messages.job_seconds(job, self._clock())
         text = messages.caption(job, seconds, limit=room)
         reencoded = sorted({u.format.upper() for u in uploads if u.reencoded})
         if reencoded:

@@ -20,6 +20,7 @@ from telegram import (
     InlineKeyboardMarkup,
     InputMediaDocument,
     InputMediaPhoto,
+    MaybeInaccessibleMessage,
     Message,
     MessageEntity,
     ReplyParameters,
@@ -57,13 +58,12 @@ from bot.errors import (
     ConfigError,
     DeliveryError,
     NoCreditsError,
-    NotAuthorizedError,
     NotFoundError,
     RequestError,
     UnreachableError,
 )
 from bot.grammar import split_flags
-from bot.logs import RedactSecrets
+from bot.logs import guard_logs
 from bot.ports import Reply
 from bot.service import Service
 
@@ -99,9 +99,7 @@ ADMIN_HELP = """Admin commands (a user is a numeric id, an @username the bot has
 GENERIC_ERROR = "Something went wrong on our side; the operator can find the details in the log."
 
 #: top-level logger names whose records get the token redacted at the source
-_REDACTED_LOGGERS = frozenset(
-    {"telegram", "httpx", "httpcore", "adapters", "bot", "data", "generation", "asyncio"}
-)
+_REDACTED_LOGGERS = ("telegram", "httpx", "httpcore", "adapters", "bot", "data", "generation", "asyncio")
 
 _T = TypeVar("_T")
 _Context = ContextTypes.DEFAULT_TYPE
@@ -219,15 +217,19 @@ def _replied_prompt(message: Message, bot_id: int) -> str:
     return text
 
 
-def _delivery(message: Message) -> dict[str, Any]:
-    """The JSON-able chat reference a job carries, enough to reply after a restart."""
+def _delivery(message: MaybeInaccessibleMessage) -> dict[str, Any]:
+    """The JSON-able chat reference a job carries, enough to reply after a restart.
+
+    A button's message may be too old for Telegram to include (inaccessible): then the job
+    goes to the chat without a topic.
+    """
     chat = message.chat
     delivery: dict[str, Any] = {
         "chat_id": chat.id,
         "chat_type": str(chat.type),
         "message_id": message.message_id,
     }
-    if message.is_topic_message and message.message_thread_id is not None:
+    if isinstance(message, Message) and message.is_topic_message and message.message_thread_id is not None:
         delivery["thread_id"] = message.message_thread_id
     return delivery
 
@@ -371,8 +373,7 @@ class TelegramReply:
         if not images:
             raise DeliveryError("there is nothing to deliver")
         self._finished = True
-        started = job.started_at
-        seconds = time.time() - started if started is not None else None
+        seconds = messages.job_seconds(job, time.time())
         caption = messages.caption(job, seconds, limit=CAPTION_LIMIT)
         adapter = self._adapter
         if self._private:
@@ -516,8 +517,7 @@ class TelegramAdapter:
         self._webhook = webhook
         self._app: Application[Any, Any, Any, Any, Any, Any] | None = None
         self._requests: tuple[HTTPXRequest, HTTPXRequest] | None = None
-        self._redactor: RedactSecrets | None = None
-        self._filtered: list[logging.Handler | logging.Logger] = []
+        self._unguard: Callable[[], None] | None = None
         self._levels: dict[str, int] = {}
         self.closed = False
 
@@ -654,26 +654,18 @@ class TelegramAdapter:
         the root handlers (lines from anywhere) and on the loggers of the libraries and packages
         that could see the token (their lines, whatever handler is added later).
         """
+        self._restore_logs()
         for name in ("httpx", "httpcore"):
             logger = logging.getLogger(name)
             self._levels[name] = logger.level
             if logger.getEffectiveLevel() < logging.WARNING:
                 logger.setLevel(logging.WARNING)
-        redactor = self._redactor = RedactSecrets([token])
-        loggers = [
-            logger
-            for name, logger in list(logging.root.manager.loggerDict.items())
-            if isinstance(logger, logging.Logger) and name.split(".")[0] in _REDACTED_LOGGERS
-        ]
-        self._filtered = [*logging.getLogger().handlers, *loggers]
-        for target in self._filtered:
-            target.addFilter(redactor)
+        self._unguard = guard_logs([token], loggers=_REDACTED_LOGGERS)
 
     def _restore_logs(self) -> None:
-        if self._redactor is not None:
-            for target in self._filtered:
-                target.removeFilter(self._redactor)
-        self._filtered, self._redactor = [], None
+        if self._unguard is not None:
+            self._unguard()
+            self._unguard = None
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
         self._levels.clear()
@@ -795,15 +787,12 @@ class TelegramAdapter:
             job_id = context.args[0]
         else:
             entries = await self.service.my_jobs(actor)
-            live = [e for e in entries if e.running or e.job.state in (JobState.QUEUED, JobState.RUNNING)]
+            live = [e for e in entries if e.job.state.cancellable]
             if not live:
                 raise RequestError("you have no queued or running job; /jobs lists your jobs")
             job_id = live[0].job.id
         job = await self.service.cancel(actor, job_id)
-        if job.state is JobState.CANCELLED:
-            await self._say(update, f"Cancelled job {job.id}.")
-        else:
-            await self._say(update, f"Stopping job {job.id}; its credits are refunded when it stops.")
+        await self._say(update, messages.cancel_text(job))
 
     async def _help(self, update: Update, context: _Context) -> None:
         user = update.effective_user
@@ -819,8 +808,7 @@ class TelegramAdapter:
         """The acting admin; refused before any lookup so non-admins learn nothing."""
         assert update.effective_user is not None
         actor = user_ref(update.effective_user)
-        if not self.service.is_admin(actor):
-            raise NotAuthorizedError("only bot admins can do that")
+        self.service.require_admin(actor)
         return actor
 
     async def _target(
@@ -941,7 +929,7 @@ class TelegramAdapter:
             ticket = await self.service.reroll(
                 actor,
                 job_id,
-                delivery={"chat_id": chat.id, "chat_type": str(chat.type), "message_id": message.message_id},
+                delivery=_delivery(message),
                 user_name=display_name(user),
                 nsfw_allowed=chat.type == ChatType.PRIVATE,
             )

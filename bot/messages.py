@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from bot.domain import Balance, Job, LedgerEntry, Progress, Ticket
+from bot.domain import Balance, Job, JobState, LedgerEntry, Progress, Ticket
 from bot.service import QueueEntry, QueueView, UserView
 
 HELP = """brushbot draws pictures on the operator's GPU.
@@ -92,6 +92,15 @@ def job_seconds(job: Job, now: float | None = None) -> float | None:
         return None
     end = job.finished_at if job.finished_at is not None else now
     return None if end is None else max(0.0, end - job.started_at)
+
+
+def cancel_text(job: Job) -> str:
+    """The answer to a cancel: done at once for a queued job, refunded when a running one stops."""
+    if job.state is JobState.CANCELLED:
+        return f"Cancelled job {job.id}." + ("" if job.free else f" {job.credits} credit(s) refunded.")
+    if job.free:
+        return f"Stopping job {job.id}."
+    return f"Stopping job {job.id}; its credits are refunded when it stops."
 
 
 def balance_text(balance: Balance, refill: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -13,9 +14,10 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from adapters.discord_bot import DiscordAdapter
+from adapters.discord_bot import _FIELD_TOKEN, _REDACTED_LOGGERS, _URL_TOKEN, DiscordAdapter
 from bot.config import Settings
 from bot.domain import JobState, LedgerKind, UserRef
+from bot.logs import guard_logs
 from bot.service import Service
 from data import SqliteStore
 from generation.images import ImageStore, read_parameters
@@ -402,8 +404,9 @@ async def test_cancel_buttons_and_commands_before_and_after_a_restart(
     assert "2 job(s) waiting from 1 user(s)" in await ephemeral_answer(fake, queue)
     jobs = await fake.slash("jobs", bob)
     assert "bob waiting" in await ephemeral_answer(fake, jobs)
-    listing = fake.messages[jobs.original_message_id] if jobs.original_message_id else None
-    assert listing is None or f"bb:cancel:{b_id}" in fake.custom_ids(listing)
+    # the listing is the direct (ephemeral) answer, with a cancel button per unfinished job, newest first
+    assert jobs.callback_type == CHANNEL_MESSAGE
+    assert fake.custom_ids(jobs.callback_data) == [f"bb:cancel:{c_id}", f"bb:cancel:{b_id}"]
 
     nosy = await fake.click(b_status, f"bb:cancel:{b_id}", alice)
     assert "only cancel your own" in await ephemeral_answer(fake, nosy)
@@ -429,10 +432,7 @@ async def test_cancel_buttons_and_commands_before_and_after_a_restart(
             for e in await bot.store.history(UserRef(platform="discord", id=str(user.id)))
             if e.job_id == job
         ]
-        assert kinds == [LedgerKind.RESERVE, LedgerKind.REFUND] or kinds == [
-            LedgerKind.REFUND,
-            LedgerKind.RESERVE,
-        ]
+        assert kinds == [LedgerKind.REFUND, LedgerKind.RESERVE]  # history() is newest first
 
     cmd = await fake.slash("cancel", bob, job=c_id)
     assert "already finished" in await ephemeral_answer(fake, cmd)
@@ -635,3 +635,38 @@ async def test_blocked_and_nsfw_words_and_spoilers(fake: FakeDiscord, make_bot: 
     assert [name for name, _ in files] == ["SPOILER_" + Path(p).name for p in job.outputs]
     assert [data for _, data in files] == [Path(p).read_bytes() for p in job.outputs]
     assert job.seeds == (5, 6) and "seed 5, 6" in result["content"]
+
+
+def test_tokens_are_redacted_in_messages_and_tracebacks() -> None:
+    interaction_token = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5OnNlY3JldA.x_y-z"
+    url = f"https://discord.com/api/v10/webhooks/1234567890/{interaction_token}/messages/@original"
+    payload = {"id": "1", "token": interaction_token}
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    # the filter the adapter installs: on the root handlers and on discord.py's (and our) loggers
+    undo = guard_logs([TOKEN], (_URL_TOKEN, _FIELD_TOKEN), _REDACTED_LOGGERS)
+    late = io.StringIO()  # a handler added afterwards on a guarded logger is covered too
+    late_handler = logging.StreamHandler(late)
+    own = logging.getLogger("discord.webhook.async_")
+    own.addHandler(late_handler)
+    try:
+        for name in ("discord.webhook.async_", "somewhere.else"):
+            logger = logging.getLogger(name)
+            try:
+                raise RuntimeError(f"PATCH {url} failed with bot token {TOKEN}")
+            except RuntimeError:
+                logger.error("could not edit %s (payload %s)", url, payload, exc_info=True)
+    finally:
+        undo()
+        own.removeHandler(late_handler)
+        root.removeHandler(handler)
+    text = out.getvalue()
+    assert "Traceback" in text and "RuntimeError: PATCH" in text and "somewhere.else" in text
+    assert "Traceback" in late.getvalue()
+    for logged in (text, late.getvalue()):
+        assert interaction_token not in logged and TOKEN not in logged
+        assert "/webhooks/1234567890/[redacted]/messages" in logged and "'token': '[redacted]'" in logged
+    assert not handler.filters and not own.filters  # undone

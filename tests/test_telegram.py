@@ -402,8 +402,23 @@ async def test_buttons_work_after_a_restart_on_the_same_database(
     assert tg.message(GROUP, photo.message_id).deleted
 
 
+async def test_reroll_in_a_forum_topic_answers_in_that_topic(h: Harness, tg: FakeTelegram) -> None:
+    group = tg.group(GROUP, "artists")
+    await h.say(group, ALICE, "/draw a lighthouse")
+    photo = result_message(tg, await tg.wait_for("sendPhoto"))
+    await h.settled()
+    # what Telegram says of a bot's message in a forum topic
+    photo.data.update(is_topic_message=True, message_thread_id=77)
+    await h.press(BOB, photo, "Reroll")
+    rerolled = await tg.wait_for("sendPhoto", count=2)
+    await h.settled()
+    job = await h.job(result_message(tg, rerolled))
+    assert job.user == ref(BOB) and job.delivery["thread_id"] == 77
+    assert rerolled.params["message_thread_id"] == 77
+
+
 async def test_cancel_by_command_and_by_button_and_the_lists(
-    h: Harness, tg: FakeTelegram, gen: GatedWorker
+    h: Harness, tg: FakeTelegram, gen: GatedWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gen.gate.clear()
     chat = tg.private_chat(ALICE)
@@ -417,18 +432,30 @@ async def test_cancel_by_command_and_by_button_and_the_lists(
     assert f"{second.id} · queued, position 1" in h.replies(ALICE["id"])[-1]
 
     await h.say(chat, ALICE, "/cancel")  # the newest unfinished job
-    assert h.replies(ALICE["id"])[-1] == f"Cancelled job {second.id}."
+    assert h.replies(ALICE["id"])[-1] == f"Cancelled job {second.id}. {second.credits} credit(s) refunded."
     first_status = tg.bot_messages(ALICE["id"])[0]
+    # the job's state in the store at the moment the chat is told it was cancelled
+    stored_when_told: list[str] = []
+    edit_text = tg._m_editMessageText
+
+    async def spy_edit(p: dict[str, Any], files: dict[str, Any]) -> Any:
+        if "cancelled while drawing" in str(p.get("text", "")):
+            with sqlite3.connect(h.settings.db_path) as db:
+                rows = db.execute("SELECT state FROM jobs WHERE id = ?", (first.id,))
+                stored_when_told.extend(state for (state,) in rows)
+        return await edit_text(p, files)
+
+    monkeypatch.setattr(tg, "_m_editMessageText", spy_edit)
     answer = await h.press(ALICE, first_status, "Cancel")  # the running one
     assert answer.params["text"] == "Stopping…"
     gen.gate.set()
     await h.settled()
     states = {j.id: j.state for j in await h.store.user_jobs(ref(ALICE))}
     assert states == {first.id: JobState.CANCELLED, second.id: JobState.CANCELLED}
-    # the job is final in the store before the chat is told
     await tg.wait_until(
         lambda: "cancelled while drawing" in (tg.message(ALICE["id"], first_status.message_id).text or "")
     )
+    assert stored_when_told == ["cancelled"]  # the job is final in the store before the chat is told
     assert (await h.service.credits(ref(ALICE))).available == 10
     assert tg.calls_of("sendPhoto") == []
 
