@@ -57,6 +57,7 @@ from benchmarks._common import (
     table,
     write_json,
 )
+from bot.errors import first_line
 
 _GB = 1024**3
 PLATFORM = "bench"
@@ -467,7 +468,7 @@ def measure_row(
             row.status, row.note = "partial", "no time left for the bot path"
     except Exception as exc:
         row.status = "failed"
-        row.note = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        row.note = first_line(exc)
         traceback.print_exc()
     finally:
         if undo is not None:

@@ -76,3 +76,8 @@ class DeliveryError(BotError):
 
 class UnreachableError(DeliveryError):
     """The chat can no longer be reached; retrying will not help."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``str(exc)`` cut to ``limit`` characters, or the type's name if it is empty."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

@@ -11,8 +11,16 @@ from typing import Any
 
 from bot.config import Device, DType, Offload, Settings
 from bot.domain import ModelProfile
-from bot.errors import ConfigError
-from generation.presets import PRESETS, TINY, is_local, preferred_dtype, preset_for, repo_for, resolve_profile
+from bot.errors import ConfigError, first_line
+from generation.presets import (
+    PRESETS,
+    TINY,
+    cached_snapshot,
+    is_local,
+    preferred_dtype,
+    repo_for,
+    resolve_profile,
+)
 from generation.tiny import MARKER_FILE, build_tiny_pipeline
 
 _log = logging.getLogger(__name__)
@@ -122,21 +130,16 @@ def _safetensors_bytes(folder: Path) -> int:
 def estimate_weights_bytes(model: str, cache_dir: Path | None = None) -> int | None:
     """The model's weight size: the preset's figure, or the sum of its safetensors files.
 
-    A hub model that is not cached yet has no known size (None).
+    A preset's figure is known whether or not it is downloaded (see ``cached_snapshot`` for
+    that); a hub model that is not cached yet has no known size (None).
     """
     preset = PRESETS.get(model)
     if preset is not None:
         return preset.weights_bytes
     if is_local(model):
         return _safetensors_bytes(Path(model).expanduser()) or None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    index = try_to_load_from_cache(model, "model_index.json", cache_dir=cache_dir)
-    if not isinstance(index, str):
-        return None
-    return _safetensors_bytes(Path(index).parent) or None
+    snapshot = cached_snapshot(model, cache_dir)
+    return (_safetensors_bytes(snapshot) or None) if snapshot is not None else None
 
 
 def _cuda_free_bytes() -> int | None:
@@ -192,23 +195,23 @@ def _source(settings: Settings) -> tuple[str, dict[str, Any]]:
     model = settings.model
     if model == TINY:
         return str(ensure_tiny(settings.model_cache_dir / TINY)), {}
-    if is_local(model):
-        return str(Path(model).expanduser()), {}
-    repo = preset_for(model, cache_dir=settings.model_cache_dir).repo or model
-    return repo, {"cache_dir": str(settings.model_cache_dir)}
+    return repo_for(model), {} if is_local(model) else {"cache_dir": str(settings.model_cache_dir)}
 
 
 def load_pipeline(
-    settings: Settings, *, free_bytes_fn: FreeBytesFn | None = None
+    settings: Settings, *, profile: ModelProfile | None = None, free_bytes_fn: FreeBytesFn | None = None
 ) -> tuple[Any, ModelProfile, LoadPlan]:
     """Load MODEL with ``DiffusionPipeline.from_pretrained`` and place it per the device plan.
 
-    Blocking (seconds to minutes): call it from the worker thread. A model that cannot be
-    loaded (not downloaded while offline, a broken folder) raises one ``ConfigError`` line.
+    ``profile`` is MODEL's profile where the caller has already resolved it (the worker
+    has); it is resolved here otherwise. Blocking (seconds to minutes): call it from the
+    worker thread. A model that cannot be loaded (not downloaded while offline, a broken
+    folder) raises one ``ConfigError`` line.
     """
     from diffusers import DiffusionPipeline
 
-    profile = resolve_profile(settings.model, cache_dir=settings.model_cache_dir)
+    if profile is None:
+        profile = resolve_profile(settings.model, cache_dir=settings.model_cache_dir)
     plan = plan_device(settings, free_bytes_fn)
     source, extra = _source(settings)
     started = time.perf_counter()
@@ -217,8 +220,7 @@ def load_pipeline(
             source, dtype=torch_dtype(plan.dtype), use_safetensors=True, **extra
         )
     except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ConfigError(f"cannot load MODEL={settings.model}: {first}") from exc
+        raise ConfigError(f"cannot load MODEL={settings.model}: {first_line(exc, 300)}") from exc
     if plan.offload is Offload.MODEL:
         pipe.enable_model_cpu_offload()
     elif plan.offload is Offload.SEQUENTIAL:
@@ -253,14 +255,16 @@ def doctor_report(settings: Settings) -> list[str]:
         f"model: {model} -> {repo_for(model)} ({profile.family}, {profile.default_width}x{profile.default_height}, "
         f"{profile.default_steps} steps, cfg {profile.default_guidance:g})"
     )
-    weights = estimate_weights_bytes(model, settings.model_cache_dir)
+    # resolve_profile has already refused anything that is no preset, existing folder or repo id
     if model == TINY:
         reachable = "built on first use (random weights: it draws noise)"
     elif is_local(model):
-        reachable = "local folder found" if Path(model).expanduser().is_dir() else "local folder MISSING"
-    elif weights:
+        reachable = "local folder found"
+    elif (snapshot := cached_snapshot(repo_for(model), settings.model_cache_dir)) is None:
+        reachable = f"not in the cache ({settings.model_cache_dir}): it will be downloaded on first start"
+    elif weights := _safetensors_bytes(snapshot):
         reachable = f"in the cache ({_gb(weights)})"
     else:
-        reachable = "not in the cache: it will be downloaded on first start"
+        reachable = "partly in the cache: the weights will be downloaded on first start"
     lines.append(f"model files: {reachable}")
     return lines

@@ -220,17 +220,32 @@ def _read_model_index(folder: Path) -> dict[str, object]:
     return data
 
 
-def _cached_model_index(repo: str, cache_dir: Path | None) -> dict[str, object] | None:
-    """The hub repo's model_index.json if it is already in the local cache (never downloads)."""
+def cached_snapshot(repo: str, cache_dir: Path | None) -> Path | None:
+    """The folder of hub ``repo``'s cached snapshot if its model_index.json is cached (never downloads).
+
+    ``cache_dir`` None is huggingface_hub's default cache. A string that is not a repo id
+    (a path, say) is not in any cache.
+    """
+    if not _REPO_ID.match(repo):
+        return None
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(repo, "model_index.json", cache_dir=cache_dir)
-    if not isinstance(found, str):
+    try:
+        found = try_to_load_from_cache(repo, "model_index.json", cache_dir=cache_dir)
+    except ValueError:  # huggingface_hub's own repo id check is a little stricter than _REPO_ID
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _cached_model_index(repo: str, cache_dir: Path | None) -> dict[str, object] | None:
+    """The hub repo's model_index.json if it is already in the local cache (never downloads)."""
+    snapshot = cached_snapshot(repo, cache_dir)
+    if snapshot is None:
         return None
     try:
-        data = json.loads(Path(found).read_text(encoding="utf-8"))
+        data = json.loads((snapshot / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -239,6 +254,11 @@ def _cached_model_index(repo: str, cache_dir: Path | None) -> dict[str, object] 
 def is_local(model: str) -> bool:
     """Whether MODEL names an existing local folder (rather than a preset or a hub repo id)."""
     return model not in PRESETS and Path(model).expanduser().is_dir()
+
+
+def _looks_like_path(model: str) -> bool:
+    """Whether a MODEL that is no repo id was meant as a folder (``/models/x``, ``./x``, ``~/x``)."""
+    return "/" in model or "\\" in model or model.startswith(("~", "."))
 
 
 def repo_for(model: str) -> str:
@@ -279,6 +299,8 @@ def preset_for(model: str, *, cache_dir: Path | None = None) -> Preset:
     elif _REPO_ID.match(model):
         index = _cached_model_index(model, cache_dir) or {}
         name = model
+    elif _looks_like_path(model):
+        raise ConfigError(f"MODEL folder {model} does not exist (and it is no preset or hub repo id)")
     else:
         known = ", ".join(PRESETS)
         raise ConfigError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import queue
@@ -14,16 +15,16 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from bot.config import Settings
+from bot.config import Offload, Settings
 from bot.domain import DrawRequest, ModelProfile
-from bot.errors import BotError, CancelledError, GenerationError, OutOfMemoryError
+from bot.errors import BotError, CancelledError, GenerationError, OutOfMemoryError, first_line
 from bot.ports import Rendered, StepCallback
 from generation.loading import LoadPlan, load_pipeline
 from generation.presets import resolve_profile
 
 _log = logging.getLogger(__name__)
 
-#: builds (pipeline, profile, plan) on the worker thread; ``load_pipeline`` by default
+#: builds (pipeline, profile, plan) on the worker thread; ``load_pipeline`` with the worker's profile by default
 PipelineFactory = Callable[[Settings], tuple[Any, ModelProfile, LoadPlan]]
 
 _OOM_MESSAGE = "The GPU ran out of memory for this image; try a smaller size or fewer images."
@@ -98,7 +99,9 @@ class Worker:
         self.plan: LoadPlan | None = None
         self.device: str | None = None
         self.load_seconds: float | None = None
-        self._factory: PipelineFactory = pipeline_factory or load_pipeline
+        self._factory: PipelineFactory = pipeline_factory or functools.partial(
+            load_pipeline, profile=self.profile
+        )
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
@@ -204,11 +207,10 @@ class Worker:
                     self._warm_up(pipe)
             except BaseException as exc:
                 _log.exception("loading the model failed")
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 error = (
                     exc
                     if isinstance(exc, BotError)
-                    else GenerationError(f"Loading the model failed: {first}")
+                    else GenerationError(f"Loading the model failed: {first_line(exc, 300)}")
                 )
                 _post(loop, _resolve, ready, None, error)
                 return
@@ -281,23 +283,27 @@ class Worker:
         return list(output.images)
 
     def _run_job(self, pipe: Any, job: _Job) -> None:
+        if job.cancel.is_set() or job.abandoned.is_set():
+            # cancelled or abandoned while queued: it never ran, so there is nothing to undo
+            _post(job.loop, _resolve, job.future, None, CancelledError("Cancelled."))
+            return
         started = time.perf_counter()
         result: Rendered | None = None
         error: BotError | None = None
-        try:
-            if job.cancel.is_set() or job.abandoned.is_set():
+        interrupted = False
+
+        def on_step_end(p: Any, i: int, t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            _post(job.loop, job.on_step, i + 1, int(p.num_timesteps))
+            if job.cancel.is_set() or job.abandoned.is_set() or self._closing.is_set():
                 raise _Interrupted
+            return {}
 
-            def on_step_end(p: Any, i: int, t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-                _post(job.loop, job.on_step, i + 1, int(p.num_timesteps))
-                if job.cancel.is_set() or job.abandoned.is_set() or self._closing.is_set():
-                    raise _Interrupted
-                return {}
-
+        try:
             images = self._call(pipe, job.request, job.seeds, on_step_end)
             seconds = time.perf_counter() - started
             result = Rendered(images=images, seeds=job.seeds, seconds=seconds, timings={"total": seconds})
         except _Interrupted:
+            interrupted = True
             error = (
                 GenerationError(_STOPPED_MESSAGE) if self._closing.is_set() else CancelledError("Cancelled.")
             )
@@ -310,17 +316,26 @@ class Worker:
             else:
                 _log.exception("generation failed")
                 error = GenerationError(_FAILED_MESSAGE)
-        if error is not None:
-            # outside the except block: the traceback (and the tensors its frames hold) is gone
+        # outside the except blocks: the traceback (and the tensors its frames hold) is gone
+        if interrupted:
+            # stopped cleanly between two steps: the next job reuses the cached memory as it is;
+            # only offload hooks left mid-way need putting back (shutdown frees the rest)
+            if self.plan is not None and self.plan.offload is not Offload.NONE:
+                self._free_hooks(pipe)
+        elif error is not None:
             self._recover(pipe)
         _post(job.loop, _resolve, job.future, result, error)
 
-    def _recover(self, pipe: Any) -> None:
-        """Undo what an aborted run left behind: offload hooks mid-way and cached memory."""
+    def _free_hooks(self, pipe: Any) -> None:
+        """Put back the offload hooks an aborted run left mid-way (diffusers does it at a run's end)."""
         free_hooks = getattr(pipe, "maybe_free_model_hooks", None)
         if callable(free_hooks):
             with contextlib.suppress(Exception):
                 free_hooks()
+
+    def _recover(self, pipe: Any) -> None:
+        """Undo what a failed run left behind: offload hooks mid-way and cached memory."""
+        self._free_hooks(pipe)
         self._free_memory()
 
     def _free_memory(self) -> None:

@@ -86,6 +86,7 @@ def test_doctor_reports_without_showing_tokens(tmp_path: Path, tiny_model_dir: P
     done = run_bot(["doctor"], tmp_path, tiny_model_dir, TELEGRAM_TOKEN=TOKEN, LOG_LEVEL="DEBUG")
     assert done.returncode == 0, done.stderr
     assert "torch" in done.stdout and "plan:" in done.stdout
+    assert "model files: local folder found" in done.stdout
     assert "TELEGRAM_TOKEN: set" in done.stdout and "DISCORD_TOKEN: not set" in done.stdout
     assert TOKEN not in done.stdout + done.stderr
 
