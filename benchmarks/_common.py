@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: timed pipeline calls, delivery clocks, loop lag, RSS, tables, JSON."""
+"""Shared helpers of the benchmarks: tiny set-up, timed pipeline calls, deliveries, loop lag, RSS, JSON."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bot.config import Settings
-from bot.domain import Job, Progress, SavedImage, Ticket
-from bot.ports import Reply, ReplyFactory
+from bot.domain import DrawRequest
+from bot.ports import ReplyFactory
+from bot.recording import RecordingHub, ReplyEvent
 
 _log = logging.getLogger(__name__)
 
@@ -69,6 +71,11 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out.extend(line(row) for row in cells[1:])
     return "\n".join(out)
+
+
+def mark(ok: bool | None) -> str:
+    """A goal's verdict for a table: ok, MISSED, or an em dash when it was not measured."""
+    return "—" if ok is None else "ok" if ok else "MISSED"
 
 
 # ---------------------------------------------------------------------------- the machine
@@ -153,6 +160,24 @@ def results_path(name: str, given: str | None) -> Path:
     return Path(out) / name if out else DEFAULT_RESULTS / name
 
 
+def run_in_temp(
+    prefix: str, measure: Callable[[Path], Coroutine[Any, Any, dict[str, Any]]]
+) -> dict[str, Any]:
+    """``measure`` a benchmark in a temporary folder (model, database, images) on a fresh event loop."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        return asyncio.run(measure(Path(tmp)))
+
+
+def report(
+    result: dict[str, Any], render: Callable[[dict[str, Any]], str], name: str, given: str | None
+) -> Path:
+    """Print ``render(result)``, write the JSON (see ``results_path``) and say where; return the path."""
+    print(render(result))
+    path = write_json(results_path(name, given), result)
+    print(f"\nJSON: {path}")
+    return path
+
+
 def quiet_logs(level: int = logging.WARNING) -> None:
     """Warnings and errors of the bot on stderr; the per-job INFO lines would drown the table."""
     logging.basicConfig(
@@ -228,21 +253,16 @@ class TimedPipeline:
         return sorted(calls, key=lambda c: c.start)
 
 
-def raw_call(pipe: Any, *, prompt: str, seed: int, width: int, height: int, steps: int) -> list[Any]:
-    """One back-to-back baseline call, with the same arguments ``generation.Worker`` passes."""
-    import torch
+def bench_request(*, prompt: str, seed: int, size: int, steps: int) -> DrawRequest:
+    """A benchmark's job: a square image, no guidance (Z-Image-Turbo's way), a fixed seed."""
+    return DrawRequest(prompt=prompt, width=size, height=size, steps=steps, guidance=0.0, seed=seed)
 
-    out = pipe(
-        prompt=prompt,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=0.0,
-        num_images_per_prompt=1,
-        generator=[torch.Generator(device="cpu").manual_seed(seed)],
-        output_type="pil",
-    )
-    return list(out.images)
+
+def raw_call(pipe: Any, request: DrawRequest) -> list[Any]:
+    """One back-to-back baseline call: the very call ``generation.Worker`` makes for ``request``."""
+    from generation.worker import call_pipeline
+
+    return call_pipeline(pipe, request, request.seeds(0))
 
 
 def gaps_between(calls: Sequence[Call], waiting: Callable[[Call, Call], bool] | None = None) -> list[float]:
@@ -317,78 +337,48 @@ class LoopLag:
                 await self._task
 
     def summary(self) -> dict[str, float | int | None]:
-        return {
-            "samples": len(self.samples),
-            "p50_ms": ms(quantile(self.samples, 0.5)),
-            "p99_ms": ms(quantile(self.samples, 0.99)),
-            "max_ms": ms(max(self.samples, default=None) if self.samples else None),
-        }
+        return lag_summary(self.samples)
+
+
+def lag_summary(samples: Sequence[float]) -> dict[str, float | int | None]:
+    """Loop-lag samples (seconds) for the JSON: count, then p50, p99 and max in ms."""
+    return {
+        "samples": len(samples),
+        "p50": ms(quantile(samples, 0.5)),
+        "p99": ms(quantile(samples, 0.99)),
+        "max": ms(max(samples, default=None)),
+    }
 
 
 # ---------------------------------------------------------------------------- the reply side
 
 
-@dataclass(slots=True)
-class DeliveryClock:
-    """A reply factory that notes when each job was delivered or failed, then passes the call on.
-
-    ``inner`` is the reply target being measured (a ``RecordingHub``'s factory, or an adapter's);
-    without one, calls end here. ``wait`` resolves once ``count`` jobs have reached either end.
-    """
-
-    inner: ReplyFactory | None = None
-    delivered: dict[str, float] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    deliveries: int = 0
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    _ended: int = 0
-
-    def factory(self, job: Job) -> Reply:
-        return _ClockedReply(self, self.inner(job) if self.inner is not None else None)
-
-    def _end(self) -> None:
-        self._ended += 1
-        self._changed.set()
-
-    @property
-    def ended(self) -> int:
-        return self._ended
-
-    async def wait(self, count: int, timeout: float) -> None:
-        """Until ``count`` jobs have been delivered or failed since this clock was made."""
-        async with asyncio.timeout(timeout):
-            while self._ended < count:
-                self._changed.clear()
-                await self._changed.wait()
+_ENDS = ("delivered", "failed")
 
 
-class _ClockedReply:
-    def __init__(self, clock: DeliveryClock, inner: Reply | None) -> None:
-        self._clock = clock
-        self._inner = inner
+def endings(hub: RecordingHub) -> dict[str, ReplyEvent]:
+    """Each job's first ``delivered`` or ``failed`` event (its ``at`` is when), by job id."""
+    ends: dict[str, ReplyEvent] = {}
+    for event in hub.events:
+        if event.kind in _ENDS:
+            ends.setdefault(event.job_id, event)
+    return ends
 
-    async def queued(self, job: Job, ticket: Ticket) -> None:
-        if self._inner is not None:
-            await self._inner.queued(job, ticket)
 
-    async def progress(self, job: Job, progress: Progress) -> None:
-        if self._inner is not None:
-            await self._inner.progress(job, progress)
+async def wait_ended(hub: RecordingHub, count: int, timeout: float) -> None:
+    """Until ``count`` jobs have been delivered or failed in ``hub`` (each event is looked at once)."""
+    ended: set[str] = set()
+    seen = 0
 
-    async def delivered(self, job: Job, images: Sequence[SavedImage]) -> None:
-        if self._inner is not None:
-            await self._inner.delivered(job, images)
-        self._clock.deliveries += 1
-        if job.id not in self._clock.delivered:
-            self._clock.delivered[job.id] = time.perf_counter()
-            self._clock._end()
+    def enough(hub: RecordingHub) -> bool:
+        nonlocal seen
+        for event in hub.events[seen:]:
+            if event.kind in _ENDS:
+                ended.add(event.job_id)
+        seen = len(hub.events)
+        return len(ended) >= count
 
-    async def failed(self, job: Job, message: str) -> None:
-        if self._inner is not None:
-            await self._inner.failed(job, message)
-        if job.id not in self._clock.failed and job.id not in self._clock.delivered:
-            self._clock.failed[job.id] = message
-            self._clock._end()
+    await hub.wait_for(enough, timeout)
 
 
 # ---------------------------------------------------------------------------- the bot path
@@ -413,11 +403,45 @@ def bench_settings(folder: Path, *, model: str, device: str, jobs: int, **overri
 
 
 @dataclass(slots=True)
+class TinyBench:
+    """The tiny model built, loaded and warmed up, ready for a benchmark's bot path and raw calls."""
+
+    settings: Settings
+    pipe: TimedPipeline
+    profile: Any
+    plan: Any
+
+
+async def tiny_bench(
+    folder: Path, *, threads: int, size: int, steps: int, jobs: int, warmups: int = 1, **settings: Any
+) -> TinyBench:
+    """Build the tiny model under ``folder``, load it on the CPU with ``threads`` torch threads, warm it up.
+
+    ``settings`` override ``bench_settings``. The ``warmups`` raw calls at ``size`` and ``steps``
+    keep first-call allocations and lazy set-up out of every figure; ``pipe.calls`` starts empty.
+    """
+    import torch
+
+    from generation.loading import load_pipeline
+    from generation.tiny import build_tiny_pipeline
+
+    torch.set_num_threads(threads)
+    model_dir = await asyncio.to_thread(build_tiny_pipeline, folder / "tiny")
+    config = bench_settings(folder, model=str(model_dir), device="cpu", jobs=jobs, **settings)
+    real, profile, plan = await asyncio.to_thread(load_pipeline, config)
+    pipe = TimedPipeline(real)
+    for i in range(warmups):
+        request = bench_request(prompt="warm-up", seed=i, size=size, steps=steps)
+        await asyncio.to_thread(raw_call, pipe, request)
+    pipe.take()
+    return TinyBench(settings=config, pipe=pipe, profile=profile, plan=plan)
+
+
+@dataclass(slots=True)
 class BotPath:
     """A running service with one real worker around an already-built pipeline."""
 
     service: Any
-    worker: Any
     store: Any
 
 
@@ -455,7 +479,7 @@ async def bot_path(
         service.register(platform_name, factory)
         await service.start()
         try:
-            yield BotPath(service=service, worker=worker, store=store)
+            yield BotPath(service=service, store=store)
         finally:
             await service.close()
     finally:

@@ -83,7 +83,7 @@ async def _run(mode: str, count: int, concurrency: int, connections: int, folder
     return Result(mode=mode, reservations=count, seconds=seconds)
 
 
-async def main(count: int, concurrency: int) -> list[Result]:
+async def measure(count: int, concurrency: int) -> list[Result]:
     """Measure each mode on its own fresh file."""
     with tempfile.TemporaryDirectory(prefix="brushbot-bench-") as tmp:
         folder = Path(tmp)
@@ -105,13 +105,17 @@ def _table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=2000, help="reservations per mode (default 2000)")
     parser.add_argument("--concurrency", type=int, default=50, help="coroutines in the concurrent modes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(
         f"brushbot credits benchmark: add_job (reserve) + finish_job (commit) per cycle; "
         f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, WAL, synchronous=NORMAL"
     )
-    print(_table(asyncio.run(main(args.count, args.concurrency))))
+    print(_table(asyncio.run(measure(args.count, args.concurrency))))
+
+
+if __name__ == "__main__":
+    main()

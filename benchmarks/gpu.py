@@ -9,8 +9,9 @@ Each row is one configuration: the baseline, then each speed-up on its own (an a
 backend, ``torch.compile`` of the repeated blocks, fp8 layerwise casting). Per row: warm per-image
 latency (p50) of raw ``pipe(...)`` calls and of one job at a time through the bot path (``Service``
 → ``Worker`` → ``ImageStore`` → SQLite → reply), the throughput ratio of a burst of jobs through the
-bot against the raw calls, the split text encoding / denoising / VAE decode / PNG encode, and
-peak GPU memory. ``--budget`` seconds bound the whole run: rows that would not fit are skipped.
+bot against the same raw calls made right before it (both by the wall clock, as ``overhead.py``),
+the split text encoding / denoising / VAE decode / PNG encode, and peak GPU memory. ``--budget``
+seconds bound the whole run: rows that would not fit are skipped.
 
     bash benchmarks/gpu.sh                                  # on the GPU machine (installs .whl/)
     .venv/bin/python benchmarks/gpu.py --tiny               # the same code, tiny and on the CPU
@@ -37,14 +38,14 @@ if __package__ in (None, ""):  # run as a script: the repository root is not on 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import (
-    Call,
-    DeliveryClock,
     LoopLag,
     TimedPipeline,
+    bench_request,
     bench_settings,
     bot_path,
     busy_span,
     describe,
+    endings,
     fmt,
     gaps_between,
     machine,
@@ -55,9 +56,12 @@ from benchmarks._common import (
     raw_call,
     results_path,
     table,
+    wait_ended,
     write_json,
 )
+from bot.domain import DrawRequest
 from bot.errors import first_line
+from generation.tiny import TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG, VAE_CONFIG
 
 _GB = 1024**3
 PLATFORM = "bench"
@@ -138,76 +142,37 @@ FULL = Spec(
     vae=_FLUX_VAE,
 )
 
-#: the same classes with a few thousand weights (as ``generation.tiny``), for the CPU and the tests
+#: ``generation.tiny``'s own components (a few thousand weights each), for the CPU and the tests
 TINY = Spec(
     name="tiny Z-Image (random weights)",
     model="tiny",
     size=64,
     steps=8,
-    text_encoder={
-        "vocab_size": 512,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 8,
-        "max_position_embeddings": 1024,
-    },
-    transformer={
-        "all_patch_size": (2,),
-        "all_f_patch_size": (1,),
-        "in_channels": 16,
-        "dim": 32,
-        "n_layers": 2,
-        "n_refiner_layers": 1,
-        "n_heads": 2,
-        "n_kv_heads": 2,
-        "cap_feat_dim": 16,
-        "axes_dims": [8, 4, 4],
-        "axes_lens": [1024, 32, 32],
-    },
-    vae={**_FLUX_VAE, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 8,
-         "sample_size": 64},
-)  # fmt: skip
+    text_encoder=TEXT_ENCODER_CONFIG,
+    transformer=TRANSFORMER_CONFIG,
+    vae=VAE_CONFIG,
+)
 
 
 # ---------------------------------------------------------------------------- building
 
 
-def in_memory_tokenizer(folder: Path) -> Any:
-    """The byte-level Qwen2 tokenizer ``generation.tiny`` builds in memory (any text, no download)."""
-    from transformers import Qwen2Tokenizer
+def build_pipeline(spec: Spec, device: str, dtype: Any) -> Any:
+    """``ZImagePipeline`` with ``spec``'s architecture and random weights, built on ``device`` in ``dtype``.
 
-    from generation.tiny import build_tiny_pipeline
-
-    return Qwen2Tokenizer.from_pretrained(build_tiny_pipeline(folder / "tiny") / "tokenizer")
-
-
-def build_pipeline(spec: Spec, device: str, dtype: Any, folder: Path) -> Any:
-    """``ZImagePipeline`` with ``spec``'s architecture and random weights, built on ``device`` in ``dtype``."""
+    The tokenizer, the seeds and the build are ``generation.tiny``'s: ``TINY`` is the tiny model.
+    """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        ZImagePipeline,
-        ZImageTransformer2DModel,
-    )
-    from transformers import Qwen3Config, Qwen3Model
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
-    tokenizer = in_memory_tokenizer(folder)
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(0)
-        config = Qwen3Config(**spec.text_encoder, pad_token_id=tokenizer.pad_token_id)
-        text_encoder: Any = Qwen3Model(config).to(dtype).eval()
-        transformer: Any = ZImageTransformer2DModel(**spec.transformer)
-        transformer = transformer.to(dtype).eval()
-        with torch.no_grad():
-            # allocated with torch.empty: give them values, uninitialised memory may hold NaNs
-            transformer.x_pad_token.fill_(1.0)
-            transformer.cap_pad_token.fill_(1.0)
-        vae: Any = AutoencoderKL(**spec.vae)
-        vae = vae.to(dtype).eval()
+    from generation.tiny import build_components, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    with torch.device(device):
+        built = build_components(
+            tokenizer, text_encoder=spec.text_encoder, transformer=spec.transformer, vae=spec.vae
+        )
+    text_encoder, transformer, vae = (module.to(dtype).eval() for module in built)
     pipe: Any = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=vae,
@@ -294,6 +259,9 @@ class Row:
     split_ms: dict[str, float | None] = field(default_factory=dict)
     finite: bool | None = None
     peak_gpu_gb: float | None = None
+    #: the seeds the raw calls and the burst's pipeline calls drew (sorted): the same jobs on both sides
+    raw_seeds: list[int] = field(default_factory=list)
+    burst_seeds: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -320,27 +288,38 @@ class Run:
         # fixed width: every prompt has the same token count, so a compiled model never sees a new shape
         return f"a red fox in the snow, study {index:03d}"
 
+    def request(self, index: int) -> DrawRequest:
+        """Job ``index``: the raw calls and the bot path draw exactly these."""
+        return bench_request(
+            prompt=self.prompt(index), seed=index, size=self.spec.size, steps=self.spec.steps
+        )
+
     def call(self, index: int) -> None:
-        raw_call(
-            self.pipe, prompt=self.prompt(index), seed=index, width=self.spec.size, height=self.spec.size,
-            steps=self.spec.steps,
-        )  # fmt: skip
+        raw_call(self.pipe, self.request(index))
 
 
-def _raw(run: Run, row: Row) -> list[Call]:
+def _warm_up(run: Run) -> None:
     for i in range(run.warmup):
         run.call(10_000 + i)
     run.pipe.take()
+
+
+def _raw(run: Run, row: Row) -> float:
+    """``run.images`` raw calls back to back on this thread; their wall-clock seconds, first start to last end."""
+    run.pipe.take()
+    start = time.perf_counter()
     for i in range(run.images):
         run.call(i)
+    seconds = time.perf_counter() - start
     calls = run.pipe.take()
     row.raw_images = len(calls)
     row.raw_p50_ms = ms(quantile([c.seconds for c in calls], 0.5))
-    return calls
+    row.raw_seeds = sorted(c.seed for c in calls)
+    return seconds
 
 
 def _split(run: Run, row: Row, samples: int = 2) -> None:
-    from bot.domain import DrawRequest, Job, UserRef
+    from bot.domain import Job, UserRef
     from bot.ports import Rendered
     from generation.images import ImageStore
 
@@ -351,15 +330,11 @@ def _split(run: Run, row: Row, samples: int = 2) -> None:
     finite = True
     for i in range(samples):
         marks: dict[str, float] = {}
+        request = run.request(i)
         with stage_clock(run.pipe.pipe, run.device, marks):
             start = time.perf_counter()
-            images = raw_call(
-                run.pipe.pipe, prompt=run.prompt(i), seed=i, width=run.spec.size, height=run.spec.size,
-                steps=run.spec.steps,
-            )  # fmt: skip
+            images = raw_call(run.pipe.pipe, request)
             end = time.perf_counter()
-        request = DrawRequest(prompt=run.prompt(i), width=run.spec.size, height=run.spec.size, steps=run.spec.steps,
-                              guidance=0.0, seed=i)  # fmt: skip
         job = Job(id=f"split{i}", user=UserRef(platform=PLATFORM, id="split"), request=request, model="benchmark",
                   credits=1, gpu_seconds=1.0, seeds=(i,), created_at=time.time())  # fmt: skip
         png_start = time.perf_counter()
@@ -375,73 +350,74 @@ def _split(run: Run, row: Row, samples: int = 2) -> None:
     row.finite = finite
 
 
-async def _bot(run: Run, row: Row, raw_seconds: float, raw_count: int) -> None:
-    from bot.domain import DrawRequest, UserRef
+async def _bot(run: Run, row: Row) -> None:
+    """The bot path: the raw calls and right after them a burst of the same jobs, then one job at a time."""
+    from bot.domain import UserRef
     from bot.recording import RecordingHub
 
     folder = Path(tempfile.mkdtemp(prefix=f"bot-{row.name.replace(':', '-')}-", dir=run.folder))
     settings = bench_settings(folder, model=run.spec.model, device=run.device, jobs=run.images + 1)
     hub = RecordingHub()
-    clock = DeliveryClock(inner=hub.factory)
     async with bot_path(
-        settings, run.pipe, run.profile, run.plan, platform_name=PLATFORM, factory=clock.factory
+        settings, run.pipe, run.profile, run.plan, platform_name=PLATFORM, factory=hub.factory
     ) as path:
         service = path.service
         users = [UserRef(platform=PLATFORM, id=f"user{n}") for n in range(2)]
-
-        def request(index: int) -> DrawRequest:
-            return DrawRequest(
-                prompt=run.prompt(index), width=run.spec.size, height=run.spec.size, steps=run.spec.steps,
-                guidance=0.0, seed=index,
-            )  # fmt: skip
-
+        timeout = max(60.0, 20 * run.per_image)
         # the worker thread's first job sets up its own thread-local state (cuBLAS handles...)
-        await service.submit(users[0], request(20_000), delivery={})
-        await clock.wait(1, timeout=max(60.0, 20 * run.per_image))
-        # one job at a time: what a user waits for when the queue is empty
-        latencies: list[float] = []
-        for i in range(run.images):
-            if run.left() < 3 * run.per_image:
-                row.status, row.note = "partial", "budget ran out during the bot path"
-                break
-            target = clock.ended + 1
-            start = time.perf_counter()
-            await service.submit(users[i % 2], request(i), delivery={})
-            await clock.wait(target, timeout=max(60.0, 20 * run.per_image))
-            latencies.append(time.perf_counter() - start)
-        row.bot_images = len(latencies)
-        row.bot_p50_ms = ms(quantile(latencies, 0.5))
+        await service.submit(users[0], run.request(20_000), delivery={})
+        await wait_ended(hub, 1, timeout)
+        await service.wait_idle()
+        # the raw baseline right before the burst, so both sides of the ratio meet the same machine;
+        # on this thread (the warm-up's), blocking the loop while the service has nothing to do
+        raw_seconds = _raw(run, row)
         # a burst from two users at once: the GPU should never wait for the bot
-        if row.status == "ok" and run.left() > (raw_count + 2) * run.per_image:
-            ended = clock.ended
+        if run.left() > (row.raw_images + 2) * run.per_image:
+            ended = len(endings(hub))
             submitted: dict[int, float] = {}
             run.pipe.take()
             start = time.perf_counter()
             async with LoopLag() as lag:
-                for i in range(raw_count):
+                for i in range(row.raw_images):
                     submitted[i] = time.perf_counter()
-                    await service.submit(users[i % 2], request(i), delivery={})
-                await clock.wait(ended + raw_count, timeout=max(120.0, 20 * raw_count * run.per_image))
+                    await service.submit(users[i % 2], run.request(i), delivery={})
+                await wait_ended(hub, ended + row.raw_images, max(120.0, 20 * row.raw_images * run.per_image))
             burst = time.perf_counter() - start
             calls = run.pipe.take()
             gaps = gaps_between(calls, queued_before(submitted))
-            row.burst_images = raw_count
+            row.burst_images = row.raw_images
+            row.burst_seeds = sorted(c.seed for c in calls)
+            # both sides by the wall clock, as overhead.py: the raw loop against first submit to last delivery
             row.throughput_ratio = round(raw_seconds / burst, 4) if burst else None
             # the GPU thread's pace while the burst waited: without the first submit and the last
             # PNG and delivery, which a burst of 10 pays once and a queue of 1,000 pays once too
             span = busy_span(calls)
-            row.steady_ratio = round(raw_seconds / span * len(calls) / raw_count, 4) if span else None
+            row.steady_ratio = round(raw_seconds / span * len(calls) / row.raw_images, 4) if span else None
             row.gpu_idle_gap_median_ms = ms(quantile(gaps, 0.5))
             row.gpu_idle_gap_max_ms = ms(max(gaps) if gaps else None)
-            row.loop_lag_p99_ms = ms(quantile(lag.samples, 0.99))
-        elif row.status == "ok":
+            row.loop_lag_p99_ms = lag.summary()["p99"]
+        else:
             row.status, row.note = "partial", "no time left for the burst"
         await service.wait_idle()
-        if clock.failed:
+        # one job at a time: what a user waits for when the queue is empty
+        latencies: list[float] = []
+        for i in range(run.images):
+            if run.left() < 3 * run.per_image:
+                if row.status == "ok":
+                    row.status, row.note = "partial", "budget ran out during the bot path"
+                break
+            target = len(endings(hub)) + 1
+            start = time.perf_counter()
+            await service.submit(users[i % 2], run.request(i), delivery={})
+            await wait_ended(hub, target, timeout)
+            latencies.append(time.perf_counter() - start)
+        row.bot_images = len(latencies)
+        row.bot_p50_ms = ms(quantile(latencies, 0.5))
+        await service.wait_idle()
+        failed = [e for e in endings(hub).values() if e.kind == "failed"]
+        if failed:
             row.status = "failed"
-            row.note = (
-                f"{len(clock.failed)} job(s) failed in the bot path: {next(iter(clock.failed.values()))}"
-            )
+            row.note = f"{len(failed)} job(s) failed in the bot path: {failed[0].data}"
 
 
 def measure_row(
@@ -457,14 +433,14 @@ def measure_row(
         setup = time.perf_counter()
         if apply is not None:
             apply()
-        raw_calls = _raw(run, row)  # its warm-up compiles, autotunes and loads kernels
-        row.setup_s = round(time.perf_counter() - setup - sum(c.seconds for c in raw_calls), 2)
-        raw_seconds = sum(c.seconds for c in raw_calls)
+        _warm_up(run)  # compiles, autotunes and loads kernels
+        row.setup_s = round(time.perf_counter() - setup, 2)
         if run.left() > 4 * run.per_image:
             _split(run, row)
-        if run.left() > (run.images + 3) * run.per_image:
-            asyncio.run(_bot(run, row, raw_seconds, len(raw_calls)))
+        if run.left() > (2 * run.images + 3) * run.per_image:
+            asyncio.run(_bot(run, row))  # the raw calls too, right before the burst
         else:
+            _raw(run, row)
             row.status, row.note = "partial", "no time left for the bot path"
     except Exception as exc:
         row.status = "failed"
@@ -636,8 +612,8 @@ def render(result: dict[str, Any]) -> str:
     notes = [f"  {r['name']}: {r['note']}" for r in rows if r["note"]]
     legend = (
         "raw/bot p50: one image, queue empty (bot: submit to delivered, PNG saved). bot/raw thr.: a burst of "
-        "the same images through the bot against the raw calls, end to end; steady: the GPU thread's pace "
-        f"during the burst (goal ≥ {GPU_RATIO_GOAL} on a GPU)."
+        "the same images through the bot against the raw calls made right before it, both by the wall clock; "
+        f"steady: the GPU thread's pace during the burst (goal ≥ {GPU_RATIO_GOAL} on a GPU)."
     )
     tail = ("\nnotes:\n" + "\n".join(notes)) if notes else ""
     return f"{head}\n\n{first}\n{legend}\n\n{second}{tail}\n\ntotal {fmt(result['total_s'], 1)} s of --budget {c['budget']:.0f} s"
@@ -694,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="brushbot-gpu-") as tmp:
         folder = Path(tmp)
         built = time.monotonic()
-        pipe = build_pipeline(spec, device, dtype, folder)
+        pipe = build_pipeline(spec, device, dtype)
         build_s = time.monotonic() - built
         run = Run(
             spec=spec, device=device, dtype=dtype, pipe=TimedPipeline(pipe), folder=folder, images=images,

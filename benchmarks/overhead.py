@@ -19,7 +19,6 @@ import contextlib
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -31,16 +30,18 @@ if __package__ in (None, ""):  # run as a script: the repository root is not on 
 
 from benchmarks._common import (
     Call,
-    DeliveryClock,
     LoopLag,
     TimedPipeline,
-    bench_settings,
+    bench_request,
     bot_path,
     busy_span,
     describe,
+    endings,
     fmt,
     gaps_between,
+    lag_summary,
     machine,
+    mark,
     mb,
     ms,
     peak_rss_bytes,
@@ -48,11 +49,14 @@ from benchmarks._common import (
     queued_before,
     quiet_logs,
     raw_call,
-    results_path,
+    report,
     rss_bytes,
+    run_in_temp,
     table,
-    write_json,
+    tiny_bench,
+    wait_ended,
 )
+from bot.domain import DrawRequest
 
 PLATFORM = "bench"
 #: the issue's goals on this 2-core CPU machine
@@ -79,6 +83,12 @@ class Config:
     def seed(self, index: int) -> int:
         return 1000 + index
 
+    def request(self, index: int) -> DrawRequest:
+        """Job ``index`` as a ``DrawRequest``: the raw calls and the bot draw exactly these."""
+        return bench_request(
+            prompt=self.prompt(index), seed=self.seed(index), size=self.size, steps=self.steps
+        )
+
 
 @dataclass(slots=True)
 class _Round:
@@ -98,9 +108,7 @@ def _raw_round(pipe: TimedPipeline, cfg: Config) -> _Round:
     cpu = time.process_time()
     started = time.perf_counter()
     for i in range(cfg.jobs):
-        raw_call(
-            pipe, prompt=cfg.prompt(i), seed=cfg.seed(i), width=cfg.size, height=cfg.size, steps=cfg.steps
-        )
+        raw_call(pipe, cfg.request(i))
     seconds = time.perf_counter() - started
     calls = pipe.take()
     return _Round(
@@ -131,24 +139,19 @@ async def _timed_round(
 
 
 async def _bot_round(path: Any, pipe: TimedPipeline, hub: Any, cfg: Config) -> _Round:
-    """(b): users call ``Service.submit`` at once; a recording reply target takes the results."""
-    from bot.domain import DrawRequest, UserRef
+    """(b): users call ``Service.submit`` at once; the recording reply target ``hub`` takes the results."""
+    from bot.domain import UserRef
 
     service = path.service
-    clock = DeliveryClock(inner=hub.factory)
-    service.register(PLATFORM, clock.factory)
+    ended_before = len(endings(hub))
     submitted: dict[int, float] = {}
     seed_of: dict[str, int] = {}
 
     async def user(number: int) -> None:
         who = UserRef(platform=PLATFORM, id=f"user{number}")
         for i in range(number, cfg.jobs, cfg.users):
-            request = DrawRequest(
-                prompt=cfg.prompt(i), width=cfg.size, height=cfg.size, steps=cfg.steps, guidance=0.0,
-                seed=cfg.seed(i),
-            )  # fmt: skip
             submitted[cfg.seed(i)] = time.perf_counter()
-            ticket = await service.submit(who, request, delivery={"chat": who.id}, user_name=who.id)
+            ticket = await service.submit(who, cfg.request(i), delivery={"chat": who.id}, user_name=who.id)
             seed_of[ticket.job.id] = ticket.job.seeds[0]
 
     async def submit_all() -> None:
@@ -157,8 +160,10 @@ async def _bot_round(path: Any, pipe: TimedPipeline, hub: Any, cfg: Config) -> _
                 group.create_task(user(number))
 
     async def finished() -> tuple[dict[int, float], int]:
-        await clock.wait(cfg.jobs, cfg.timeout)
-        return {seed_of[j]: t for j, t in clock.delivered.items()}, len(clock.failed)
+        await wait_ended(hub, ended_before + cfg.jobs, cfg.timeout)
+        ends = [e for job_id, e in endings(hub).items() if job_id in seed_of]
+        delivered = {seed_of[e.job_id]: e.at for e in ends if e.kind == "delivered"}
+        return delivered, sum(1 for e in ends if e.kind == "failed")
 
     return await _timed_round(path, pipe, cfg, submit_all, finished, submitted)
 
@@ -256,6 +261,14 @@ def _added_latency(rounds: list[_Round]) -> tuple[list[float], list[float], list
     return pre, post, total
 
 
+def _drawn(rounds: list[_Round]) -> dict[str, Any]:
+    """What the pipeline was called for in each round: how many calls, which seeds (sorted)."""
+    return {
+        "round_calls": [len(r.calls) for r in rounds],
+        "round_seeds": [sorted(c.seed for c in r.calls) for r in rounds],
+    }
+
+
 def _summary(rounds: list[_Round], raw: list[_Round], cfg: Config) -> dict[str, Any]:
     """The figures of one bot path over all rounds, against the raw calls of the same rounds."""
     raw_total = sum(r.seconds for r in raw)
@@ -264,7 +277,6 @@ def _summary(rounds: list[_Round], raw: list[_Round], cfg: Config) -> dict[str, 
     gaps: list[float] = []
     for r in rounds:
         gaps += gaps_between(r.calls, queued_before(r.submitted))
-    lag = [s for r in rounds for s in r.lag]
     delivered = sum(len(r.delivered) for r in rounds)
     return {
         "seconds": round(total, 4),
@@ -291,31 +303,18 @@ def _summary(rounds: list[_Round], raw: list[_Round], cfg: Config) -> dict[str, 
             "median": ms(quantile(gaps, 0.5)),
             "max": ms(max(gaps) if gaps else None),
         },
-        "loop_lag_ms": {
-            "samples": len(lag),
-            "p50": ms(quantile(lag, 0.5)),
-            "p99": ms(quantile(lag, 0.99)),
-            "max": ms(max(lag) if lag else None),
-        },
+        "loop_lag_ms": lag_summary([s for r in rounds for s in r.lag]),
+        **_drawn(rounds),
     }
 
 
 async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
-    import torch
-
     from bot.recording import RecordingHub
-    from generation.loading import load_pipeline
-    from generation.tiny import build_tiny_pipeline
 
-    torch.set_num_threads(cfg.threads)
-    model_dir = await asyncio.to_thread(build_tiny_pipeline, folder / "tiny")
-    settings = bench_settings(folder, model=str(model_dir), device="cpu", jobs=cfg.jobs)
-    real, profile, plan = await asyncio.to_thread(load_pipeline, settings)
-    pipe = TimedPipeline(real)
-    for i in range(2):  # warm-up: first-call allocations and lazy set-up stay out of every figure
-        await asyncio.to_thread(
-            raw_call, pipe, prompt="warm-up", seed=i, width=cfg.size, height=cfg.size, steps=cfg.steps
-        )
+    tiny = await tiny_bench(
+        folder, threads=cfg.threads, size=cfg.size, steps=cfg.steps, jobs=cfg.jobs, warmups=2
+    )
+    settings, pipe, profile, plan = tiny.settings, tiny.pipe, tiny.profile, tiny.plan
     rss_ready = rss_bytes()
 
     hub = RecordingHub()
@@ -379,6 +378,7 @@ async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
             "pipe_call_cpu_median_ms": ms(quantile([c.cpu for c in raw_calls], 0.5)),
             "gap_median_ms": ms(quantile(gaps_between(raw_calls), 0.5)),
             "cpu_ms_per_job": ms(sum(r.cpu for r in raw) / (cfg.jobs * len(raw))),
+            **_drawn(raw),
         },
         "bot": {
             **bot,
@@ -420,9 +420,6 @@ def render(result: dict[str, Any]) -> str:
     c, t = result["config"], result["targets"]
     raw, bot, tg = result["raw"], result["bot"], result["telegram"]
     paths = [("(b) bot", bot)] + ([("(c) Telegram", tg)] if "seconds" in tg else [])
-
-    def mark(ok: bool | None) -> str:
-        return "—" if ok is None else "ok" if ok else "MISSED"
 
     def each(pick: Callable[[dict[str, Any]], str]) -> list[str]:
         return [pick(p) for _, p in paths]
@@ -472,12 +469,6 @@ def render(result: dict[str, Any]) -> str:
     return f"{head}\n\n{rounds}\n\n{metrics}\n{foot}"
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Measure in a temporary folder (model, database, images); return the result."""
-    with tempfile.TemporaryDirectory(prefix="brushbot-overhead-") as tmp:
-        return asyncio.run(_measure(cfg, Path(tmp)))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -505,10 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         telegram=not args.no_telegram,
     )
-    result = run(cfg)
-    print(render(result))
-    path = write_json(results_path("overhead.json", args.json), result)
-    print(f"\nJSON: {path}")
+    result = run_in_temp("brushbot-overhead-", lambda folder: _measure(cfg, folder))
+    report(result, render, "overhead.json", args.json)
     return 0
 
 

@@ -1,9 +1,11 @@
 """Soak: many jobs from many users through the whole service on the tiny model; nothing may be lost.
 
 Each user keeps a couple of jobs waiting and submits the next as soon as one ends, so the
-service runs at a steady state. Reports jobs lost (must be 0), credit mismatches (must be 0:
-every user's used credits equal the credits of their delivered jobs, and every job's ledger is
-exactly one reservation and one commit) and RSS after job 100 and after the last job (1,000).
+service runs at a steady state. Each user gets exactly the credits their jobs cost. Reports jobs
+lost (must be 0), jobs refused at submit (must be 0: a credit leaked shows up here), credit
+mismatches (must be 0: every user's used credits equal the credits of their delivered jobs, and
+every job's ledger is exactly one reservation and one commit) and RSS after job 100 and after
+the last job (1,000).
 
     .venv/bin/python benchmarks/soak.py                # 1,000 jobs, 50 users, 64², 8 steps
 """
@@ -15,7 +17,6 @@ import asyncio
 import gc
 import math
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -28,24 +29,24 @@ if __package__ in (None, ""):  # run as a script: the repository root is not on 
 
 from benchmarks._common import (
     LoopLag,
-    TimedPipeline,
-    bench_settings,
+    bench_request,
     bot_path,
     describe,
     fmt,
     machine,
+    mark,
     mb,
     ms,
     peak_rss_bytes,
     quantile,
     quiet_logs,
-    raw_call,
-    results_path,
+    report,
     rss_bytes,
+    run_in_temp,
     table,
-    write_json,
+    tiny_bench,
 )
-from bot.domain import Job, LedgerKind, Progress, SavedImage, Ticket, UserRef
+from bot.domain import DrawRequest, Job, LedgerKind, Progress, SavedImage, Ticket, UserRef, credit_cost
 
 PLATFORM = "soak"
 #: the issue's goal: RSS may grow less than this from job 100 to the last job
@@ -85,8 +86,16 @@ class _Tally:
     lag: LoopLag = field(default_factory=LoopLag)
 
     def end(self, job: Job) -> None:
+        """``job`` was delivered or failed: its user's slot is free again."""
+        self._ended(job.user)
+
+    def skip(self, user: UserRef) -> None:
+        """A job of ``user`` was refused at submit: it never ran, but it is over all the same."""
+        self._ended(user)
+
+    def _ended(self, user: UserRef) -> None:
         self.ended += 1
-        self.slots[job.user.key].release()
+        self.slots[user.key].release()
         if self.ended in (self.cfg.first_mark, self.cfg.jobs):
             with self.lag.excluded():  # the measurement's own pause, not the bot's
                 gc.collect()  # a leak is what survives a collection; garbage awaiting one is not
@@ -121,6 +130,10 @@ class _SoakReply:
             self._tally.end(job)
 
 
+def _request(cfg: Config, index: int) -> DrawRequest:
+    return bench_request(prompt=f"soak {index}", seed=index, size=cfg.size, steps=cfg.steps)
+
+
 async def _credit_mismatches(path: Any, users: list[UserRef], tally: _Tally, cost: int) -> list[str]:
     """Every way the credits disagree with what was delivered, one line each (empty when all agree)."""
     service = path.service
@@ -144,31 +157,22 @@ async def _credit_mismatches(path: Any, users: list[UserRef], tally: _Tally, cos
 
 
 async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
-    import torch
-
-    from bot.domain import DrawRequest
     from bot.errors import BotError
-    from generation.loading import load_pipeline
-    from generation.tiny import build_tiny_pipeline
 
-    torch.set_num_threads(cfg.threads)
-    per_user = math.ceil(cfg.jobs / cfg.users)
-    model_dir = await asyncio.to_thread(build_tiny_pipeline, folder / "tiny")
-    settings = bench_settings(
+    tiny = await tiny_bench(
         folder,
-        model=str(model_dir),
-        device="cpu",
+        threads=cfg.threads,
+        size=cfg.size,
+        steps=cfg.steps,
         jobs=cfg.jobs,
-        # exactly enough credits: any credit leaked by the service shows up as a refused job
-        daily_credits=per_user,
         max_queued_per_user=cfg.waiting_per_user,
         max_queued_total=cfg.users * cfg.waiting_per_user,
     )
-    real, profile, plan = await asyncio.to_thread(load_pipeline, settings)
-    pipe = TimedPipeline(real)
-    await asyncio.to_thread(
-        raw_call, pipe, prompt="warm-up", seed=0, width=cfg.size, height=cfg.size, steps=cfg.steps
-    )
+    pipe, profile, plan = tiny.pipe, tiny.profile, tiny.plan
+    # every job costs the same; above the model's default size that is more than 1 credit
+    cost = credit_cost(_request(cfg, 0), profile)
+    # exactly enough credits: any credit leaked by the service shows up as a refused job
+    settings = tiny.settings.model_copy(update={"daily_credits": math.ceil(cfg.jobs / cfg.users) * cost})
 
     users = [UserRef(platform=PLATFORM, id=f"user{n:03d}") for n in range(cfg.users)]
     tally = _Tally(cfg=cfg, slots={u.key: asyncio.Semaphore(cfg.waiting_per_user) for u in users})
@@ -176,23 +180,16 @@ async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
     refused: list[str] = []
     async with bot_path(settings, pipe, profile, plan, platform_name=PLATFORM, factory=tally.factory) as path:
         service = path.service
-        cost = service.cost(
-            DrawRequest(prompt="x", width=cfg.size, height=cfg.size, steps=cfg.steps, guidance=0.0)
-        )
 
         async def user(number: int) -> None:
             who = users[number]
             for i in range(number, cfg.jobs, cfg.users):
                 await tally.slots[who.key].acquire()
-                request = DrawRequest(
-                    prompt=f"soak {i}", width=cfg.size, height=cfg.size, steps=cfg.steps, guidance=0.0, seed=i
-                )
                 try:
-                    ticket = await service.submit(who, request, delivery={"chat": who.id})
+                    ticket = await service.submit(who, _request(cfg, i), delivery={"chat": who.id})
                 except BotError as err:
                     refused.append(f"{who.key} job {i}: {err}")
-                    tally.slots[who.key].release()
-                    tally.ended += 1
+                    tally.skip(who)
                     continue
                 submitted.append(ticket.job.id)
 
@@ -215,7 +212,8 @@ async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
 
     delivered_once = sum(1 for j in submitted if tally.delivered[j] == 1)
     duplicates = sum(1 for n in tally.delivered.values() if n > 1)
-    lost = len(submitted) - delivered_once + len(refused)
+    # lost: accepted, then never delivered exactly once; a refusal is reported on its own (never a success)
+    lost = len(submitted) - delivered_once
     first, last = tally.rss.get(cfg.first_mark), tally.rss.get(cfg.jobs)
     growth = None if not first or not last else round(100.0 * (last - first) / first, 2)
     result: dict[str, Any] = {
@@ -236,6 +234,7 @@ async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
         "delivered": delivered_once,
         "failed": len(tally.failed),
         "refused": len(refused),
+        "credits_per_job": cost,
         "duplicate_deliveries": duplicates,
         "lost_jobs": lost,
         "store": {
@@ -257,6 +256,7 @@ async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
     }
     result["targets"] = {
         "no_lost_jobs": lost == 0,
+        "none_refused": not refused,
         "no_credit_mismatches": not mismatches,
         "rss_growth_pct": None if growth is None else growth < RSS_GROWTH_GOAL_PCT,
     }
@@ -266,10 +266,6 @@ async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     """The human-readable report of one run."""
     c, t, rss = result["config"], result["targets"], result["rss_mb"]
-
-    def mark(ok: bool | None) -> str:
-        return "—" if ok is None else "ok" if ok else "MISSED"
-
     first, last = (k for k in rss if k.startswith("after_job_"))
     head = (
         f"brushbot soak: {c['jobs']} jobs from {c['users']} users through the service, tiny Z-Image "
@@ -282,21 +278,16 @@ def render(result: dict[str, Any]) -> str:
             ["wall time s / jobs per s", f"{fmt(result['seconds'], 1)} / {fmt(result['jobs_per_second'], 1)}", "", ""],
             ["delivered / submitted", f"{result['delivered']} / {result['submitted']}", "", ""],
             ["jobs lost", str(result["lost_jobs"]), "0", mark(t["no_lost_jobs"])],
+            ["jobs refused at submit", str(result["refused"]), "0", mark(t["none_refused"])],
             ["credit mismatches", str(result["credit_mismatches"]), "0", mark(t["no_credit_mismatches"])],
             [f"RSS MB after job {first.removeprefix('after_job_')} / {last.removeprefix('after_job_')}",
              f"{fmt(rss[first], 1)} / {fmt(rss[last], 1)}", "", ""],
             ["RSS growth %", fmt(rss["growth_pct"], 2), "< 5", mark(t["rss_growth_pct"])],
             ["event-loop lag p50 / p99 ms",
-             f"{fmt(result['loop_lag_ms']['p50_ms'])} / {fmt(result['loop_lag_ms']['p99_ms'])}", "", ""],
+             f"{fmt(result['loop_lag_ms']['p50'])} / {fmt(result['loop_lag_ms']['p99'])}", "", ""],
         ],
     )  # fmt: skip
     return f"{head}\n\n{body}"
-
-
-def run(cfg: Config) -> dict[str, Any]:
-    """Soak in a temporary folder (model, database, images); return the result."""
-    with tempfile.TemporaryDirectory(prefix="brushbot-soak-") as tmp:
-        return asyncio.run(_measure(cfg, Path(tmp)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,11 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         waiting_per_user=args.waiting,
         threads=args.threads,
     )
-    result = run(cfg)
-    print(render(result))
-    path = write_json(results_path("soak.json", args.json), result)
-    print(f"\nJSON: {path}")
-    return 0 if result["lost_jobs"] == 0 and result["credit_mismatches"] == 0 else 1
+    result = run_in_temp("brushbot-soak-", lambda folder: _measure(cfg, folder))
+    report(result, render, "soak.json", args.json)
+    return (
+        0
+        if all(result["targets"][k] for k in ("no_lost_jobs", "none_refused", "no_credit_mismatches"))
+        else 1
+    )
 
 
 if __name__ == "__main__":

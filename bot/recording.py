@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,11 +14,12 @@ from bot.errors import DeliveryError, UnreachableError
 
 @dataclass(slots=True)
 class ReplyEvent:
-    """One recorded call: ``kind`` is queued, progress, delivered or failed."""
+    """One recorded call: ``kind`` is queued, progress, delivered or failed; ``at`` when (``perf_counter``)."""
 
     kind: str
     job_id: str
     data: Any = None
+    at: float = field(default_factory=time.perf_counter, compare=False)
 
 
 @dataclass(slots=True)

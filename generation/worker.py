@@ -76,6 +76,37 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in str(exc).lower()
 
 
+def call_pipeline(
+    pipe: Any, request: DrawRequest, seeds: tuple[int, ...], callback: Any | None = None
+) -> list[Any]:
+    """Draw ``request`` with ``pipe`` (one CPU generator per seed); the PIL images, one per seed.
+
+    The one place a pipeline is called: the worker and the benchmarks' raw baseline both use it.
+    ``callback`` is diffusers' ``callback_on_step_end``.
+    """
+    import torch
+
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    kwargs: dict[str, Any] = {}
+    # the negative prompt only matters with guidance; passing it without would be ignored anyway
+    if request.guidance > 0 and request.negative_prompt:
+        kwargs["negative_prompt"] = request.negative_prompt
+    if callback is not None:
+        kwargs["callback_on_step_end"] = callback
+    output = pipe(
+        prompt=request.prompt,
+        height=request.height,
+        width=request.width,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance,
+        num_images_per_prompt=request.count,
+        generator=generators,
+        output_type="pil",
+        **kwargs,
+    )
+    return list(output.images)
+
+
 class Worker:
     """A ``bot.ports.Generator`` running on this machine's GPU (or CPU).
 
@@ -245,7 +276,7 @@ class Worker:
         """One short run at the default size, so the first user does not pay for lazy set-up."""
         p = self.profile
         started = time.perf_counter()
-        self._call(
+        call_pipeline(
             pipe,
             DrawRequest(
                 prompt="warm-up",
@@ -258,29 +289,6 @@ class Worker:
             callback=None,
         )
         _log.info("warm-up took %.1f s", time.perf_counter() - started)
-
-    def _call(self, pipe: Any, request: DrawRequest, seeds: tuple[int, ...], callback: Any) -> list[Any]:
-        import torch
-
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        kwargs: dict[str, Any] = {}
-        # the negative prompt only matters with guidance; passing it without would be ignored anyway
-        if request.guidance > 0 and request.negative_prompt:
-            kwargs["negative_prompt"] = request.negative_prompt
-        if callback is not None:
-            kwargs["callback_on_step_end"] = callback
-        output = pipe(
-            prompt=request.prompt,
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            num_images_per_prompt=request.count,
-            generator=generators,
-            output_type="pil",
-            **kwargs,
-        )
-        return list(output.images)
 
     def _run_job(self, pipe: Any, job: _Job) -> None:
         if job.cancel.is_set() or job.abandoned.is_set():
@@ -299,7 +307,7 @@ class Worker:
             return {}
 
         try:
-            images = self._call(pipe, job.request, job.seeds, on_step_end)
+            images = call_pipeline(pipe, job.request, job.seeds, on_step_end)
             seconds = time.perf_counter() - started
             result = Rendered(images=images, seeds=job.seeds, seconds=seconds, timings={"total": seconds})
         except _Interrupted:
