@@ -296,3 +296,32 @@ class LedgerEntry:
     job_id: str | None = None
     actor: str | None = None
     note: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueEntry:
+    """A queued or running job with where it stands."""
+
+    job: Job
+    position: int  # 0 = next (or running, see ``running``)
+    eta_seconds: float
+    running: bool = False
+    progress: Progress | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueView:
+    """A snapshot of the queue: what runs and what waits, in predicted order."""
+
+    entries: tuple[QueueEntry, ...]
+    total_queued: int
+    users_waiting: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserView:
+    """What an admin sees about a user."""
+
+    record: UserRecord
+    balance: Balance
+    history: tuple[LedgerEntry, ...]

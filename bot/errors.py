@@ -16,7 +16,8 @@ shown in chat. Operators see tracebacks in the log, users never do::
     │   ├── OutOfMemoryError
     │   └── CancelledError     the job was cancelled while running
     └── DeliveryError          the result could not be sent
-        └── UnreachableError   the chat is gone or forbids the bot: do not retry
+        ├── UnreachableError   the chat is gone or forbids the bot: do not retry
+        └── RateLimitedError   the platform said "retry after N seconds": wait, then retry
 """
 
 from __future__ import annotations
@@ -76,6 +77,14 @@ class DeliveryError(BotError):
 
 class UnreachableError(DeliveryError):
     """The chat can no longer be reached; retrying will not help."""
+
+
+class RateLimitedError(DeliveryError):
+    """The platform refused a call for now (HTTP 429); ``retry_after`` seconds until it may be repeated."""
+
+    def __init__(self, retry_after: float, message: str = "the chat asked the bot to slow down") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

@@ -9,8 +9,8 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from bot.domain import Balance, Job, JobState, LedgerEntry, Progress, Ticket
-from bot.service import QueueEntry, QueueView, UserView
+from bot.domain import Balance, Job, JobState, LedgerEntry, Progress, QueueEntry, QueueView, Ticket, UserView
+from bot.errors import NoCreditsError
 
 HELP = """brushbot draws pictures on the operator's GPU.
 
@@ -196,3 +196,201 @@ def info_text(job: Job) -> str:
     if job.error:
         lines.append(f"Error: {job.error}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- a job's end, the board
+
+RESUMED = "Resumed after a restart."
+NOTHING_TO_CANCEL = "you have no queued or running job; /jobs lists your jobs"
+
+
+def ended_text(job: Job, error: str) -> str:
+    """How an undelivered job ended, with its refund: the same sentence on every platform."""
+    what = "was cancelled" if job.state is JobState.CANCELLED else "failed"
+    refund = "" if job.free else f" Your {job.credits} credit(s) were refunded."
+    return f"Job {job.id} {what}: {error.rstrip('.')}.{refund}"
+
+
+def short(text: str, limit: int) -> str:
+    """``text`` on one line, cut to ``limit`` characters with an ellipsis."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: max(0, limit - 1)] + "…"
+
+
+def board_text(
+    drawing: Sequence[tuple[Job, Progress | None]],
+    waiting: Sequence[tuple[Job, int, float]],
+    *,
+    shown: int = 10,
+) -> str:
+    """A busy chat's live queue board: what is drawing and who waits; results come as replies."""
+    total = len(drawing) + len(waiting)
+    lines = [f"🎨 brushbot · {total} job(s) for this chat"]
+    for job, progress in drawing:
+        prog = f" {bar(progress.fraction, 8)}" if progress is not None else ""
+        lines.append(f"▶ {job.user_name or job.user.id}: {short(job.request.prompt, 40)}{prog}")
+    for n, (job, position, eta) in enumerate(waiting):
+        if n >= shown:
+            lines.append(f"… and {len(waiting) - shown} more")
+            break
+        lines.append(
+            f"{position + 1}. {job.user_name or job.user.id}: {short(job.request.prompt, 40)}"
+            f" · in about {duration(eta)}"
+        )
+    lines.append("Each picture arrives as a reply to its /draw. /cancel stops your newest job.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- errors
+
+GENERIC_ERROR = "Something went wrong on our side; the operator can find the details in the log."
+NOT_ENABLED_HERE = "brushbot is not enabled in this chat"
+OUT_OF_DATE_COMMAND = "That command is out of date; try again in a minute."
+SERVER_ONLY = "That command only works in a server."
+NOT_ALLOWED_HERE = "You may not use that command here."
+
+
+def sentence(text: str) -> str:
+    """One line for the chat, starting with a capital letter."""
+    line = " ".join(text.split())
+    return line[:1].upper() + line[1:]
+
+
+def error_text(error: Exception, refill: str) -> str:
+    """The one line a user reads for a core error (a refusal names when credits refill)."""
+    text = sentence(str(error)) or "Something went wrong."
+    if isinstance(error, NoCreditsError):
+        text = f"{text.rstrip('.')}. Credits refill at {refill}."
+    return text
+
+
+def bad_value_text(kind: str) -> str:
+    return f"That value is not valid for {kind} options."
+
+
+# ---------------------------------------------------------------------- answers to commands and buttons
+
+START = "Hi! I draw pictures on the operator's GPU."
+UNKNOWN_COMMAND = "unknown command {command}: try /help"
+PNG_SENT = "Original PNG sent"
+DELETED = "Deleted"
+CANCELLED = "Cancelled"
+STOPPING = "Stopping…"
+
+
+def rerolling_text(job: Job) -> str:
+    return f"Rerolling as job {job.id}"
+
+
+def original_caption(job: Job) -> str:
+    return f"Original PNG of job {job.id} · seed {job.seeds[0]}"
+
+
+def album_keyboard_text(job: Job, count: int) -> str:
+    return f"Job {job.id}: {count} images for {job.user_name or 'you'}"
+
+
+def reencoded_note(formats: Sequence[str]) -> str:
+    return f"\n(sent as {'/'.join(formats)} to fit the upload limit; the PNG is kept on the server)"
+
+
+def moved_text(job: Job, link: str) -> str:
+    return f"Job {job.id} is done: {link}"
+
+
+def no_images_yet(job: Job) -> str:
+    return f"job {job.id} has no images yet"
+
+
+def originals_gone(job: Job) -> str:
+    return f"the original files of job {job.id} are no longer on the server"
+
+
+# ---------------------------------------------------------------------- admin answers
+
+
+def who_text(name: str, key: str) -> str:
+    return f"{name} ({key})" if name and name != key else key
+
+
+def admin_balance_text(who: str, balance: Balance) -> str:
+    return (
+        f"{who}: {balance.available} credit(s) available · used {balance.used} of {balance.allowance} "
+        f"this period · bonus {balance.bonus}"
+    )
+
+
+def allowance_set_text(who: str, amount: int | None, balance: Balance) -> str:
+    shown = "the default" if amount is None else str(amount)
+    return f"Allowance set to {shown}. " + admin_balance_text(who, balance)
+
+
+def granted_text(who: str, amount: int, balance: Balance) -> str:
+    return f"Granted {amount:+d}. " + admin_balance_text(who, balance)
+
+
+def usage_reset_text(who: str, balance: Balance) -> str:
+    return "Usage reset. " + admin_balance_text(who, balance)
+
+
+def ban_text(who: str, banned: bool) -> str:
+    return f"{who} is banned from drawing." if banned else f"{who} may draw again."
+
+
+def weight_text(who: str, weight: float) -> str:
+    return f"{who} now has weight {weight:g} in the fair queue."
+
+
+def not_seen_text(token: str) -> str:
+    return f"I have not seen {token} yet: use their numeric id or reply to one of their messages"
+
+
+def not_a_user_text(token: str, usage: str) -> str:
+    return f"{token[:40]} is not a user: use a numeric id or @username. Usage: {usage}"
+
+
+def usage_text(usage: str) -> str:
+    return f"usage: {usage}"
+
+
+REPLY_TO_A_PERSON = "reply to a message of a person, not of a bot"
+
+
+def not_a_number_text(raw: str, what: str) -> str:
+    examples = {"credits": "a whole number of credits", "weight": "a number: a weight is like 0.5, 1 or 2"}
+    return f"{raw[:20]} is not {examples.get(what, what)}"
+
+
+# ---------------------------------------------------------------------- help
+
+ADMIN_HELP = {
+    "telegram": """Admin commands (a user is a numeric id, an @username the bot has seen, or a replied-to message):
+/quota show <user>    /quota set <user> <credits|default>    /quota grant <user> <credits>
+/quota reset <user>    /ban <user>    /unban <user>    /weight <user> <weight>    /stats""",
+    "discord": "Admin: /brush quota show|set|grant|reset, /brush ban|unban, /brush weight, /brush stats",
+    "console": "Admin: /stats",
+}
+
+PLATFORM_HELP = {
+    "discord": (
+        "On Discord the /draw options do the same as the flags (size: {sizes}). Under each picture: "
+        "Reroll (same settings, new seed), Edit (change the prompt), Info, Delete. "
+        "A job that finishes after 15 minutes is posted in the channel with a mention."
+    ),
+    "telegram": (
+        "Under each picture: Reroll (same settings, new seed), Original PNG, Delete. "
+        "In a busy group one queue board shows who waits, and each picture arrives as a reply to its /draw."
+    ),
+    "console": "/quit  leave the console",
+}
+
+
+def help_text(platform: str, *, admin: bool, sizes: Sequence[str] = ()) -> str:
+    """``/help`` for a platform: the shared part, the platform's notes, and the admin part for admins."""
+    parts = [HELP]
+    extra = PLATFORM_HELP.get(platform)
+    if extra:
+        parts.append(extra.format(sizes=", ".join(sizes) or "WxH"))
+    if admin and platform in ADMIN_HELP:
+        parts.append(ADMIN_HELP[platform])
+    return "\n\n".join(parts)

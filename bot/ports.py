@@ -3,16 +3,18 @@
 * ``Generator``  — a GPU worker (``generation.Worker`` locally; later a pool member).
 * ``ImageSink``  — saving finished images and fitting them to an upload limit (``generation``).
 * ``Store``      — users, the credits ledger and the job store (``data.SqliteStore``).
-* ``Reply``      — how a job talks back to its chat (one per adapter).
+* ``Transport``  — an adapter's outgoing side: sends, edits, uploads within its lanes' budgets.
 """
 
 from __future__ import annotations
 
+import enum
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from bot.budget import Budget
 from bot.domain import (
     Balance,
     DrawRequest,
@@ -20,9 +22,7 @@ from bot.domain import (
     JobState,
     LedgerEntry,
     ModelProfile,
-    Progress,
     SavedImage,
-    Ticket,
     UploadFile,
     UserRecord,
     UserRef,
@@ -75,24 +75,78 @@ class ImageSink(Protocol):
     def fit(self, path: str, limit_bytes: int) -> UploadFile: ...
 
 
-class Reply(Protocol):
-    """How a job talks back to the chat it came from. Built by an adapter from ``job.delivery``.
+class LaneKind(enum.StrEnum):
+    """What kind of place a lane is; it decides the default budget and whether a board is used."""
 
-    ``delivered`` raises ``DeliveryError`` to be retried later, or ``UnreachableError``
-    when the chat is gone (the job then fails with a refund).
+    PRIVATE = "private"  # a one-to-one chat
+    GROUP = "group"  # a group or channel many people share (a Telegram group, a Discord channel)
+    INTERACTION = "interaction"  # one Discord interaction's own webhook (its token's bucket)
+    CONSOLE = "console"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lane:
+    """Where messages go and which allowance they share: a chat, or a Discord interaction token.
+
+    ``board`` says that a live queue board may stand in for per-job status messages here
+    when the lane is busy (a Telegram group); ``key`` is unique across platforms.
     """
 
-    async def queued(self, job: Job, ticket: Ticket) -> None: ...
-
-    async def progress(self, job: Job, progress: Progress) -> None: ...
-
-    async def delivered(self, job: Job, images: Sequence[SavedImage]) -> None: ...
-
-    async def failed(self, job: Job, message: str) -> None: ...
+    key: str
+    kind: LaneKind
+    board: bool = False
 
 
-#: an adapter's factory: rebuild the reply target of a job from its stored delivery reference
-ReplyFactory = Callable[[Job], Reply]
+class Phase(enum.StrEnum):
+    """What a job's own status message shows."""
+
+    QUEUED = "queued"
+    DRAWING = "drawing"
+
+
+class Transport(Protocol):
+    """An adapter's outgoing side: it carries the core's texts and images, and knows its budgets.
+
+    The core decides *what* is said and *when* (within each lane's budget, results first);
+    the transport decides *how* on its platform. Every method may raise ``DeliveryError``
+    (retried), ``UnreachableError`` (the chat is gone) or ``RateLimitedError`` (honoured and
+    retried). A job's message ids live in ``job.delivery``, kept up to date by the transport
+    through ``Service.update_delivery``, so everything works after a restart.
+    """
+
+    platform: str
+
+    def lane(self, delivery: Mapping[str, Any]) -> Lane:
+        """The lane a job (or a command's answer) with this delivery reference goes to."""
+        ...
+
+    def budget(self, lane: Lane) -> Budget:
+        """A new budget for a lane (called once per lane; the core keeps it)."""
+        ...
+
+    def result_cost(self, job: Job, images: Sequence[SavedImage]) -> int:
+        """Messages the result of ``job`` counts against its lane's budget."""
+        ...
+
+    async def status(self, job: Job, text: str, phase: Phase) -> None:
+        """Post the job's own status message, or edit it (with a Cancel button)."""
+        ...
+
+    async def result(self, job: Job, images: Sequence[SavedImage], caption: str) -> None:
+        """Deliver the images as a reply to the request; the status message gives way to them."""
+        ...
+
+    async def notice(self, job: Job, text: str) -> None:
+        """Tell the requester how the job ended (failure, cancel): the status becomes the line, or a reply."""
+        ...
+
+    async def say(self, delivery: Mapping[str, Any], text: str) -> None:
+        """Answer a command in the chat of ``delivery`` (a reply to the command)."""
+        ...
+
+    async def board(self, lane: Lane, text: str | None) -> None:
+        """Post or edit the lane's queue board; ``None`` removes it."""
+        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,20 +1,26 @@
-"""A Reply that records every call, for tests and benchmarks (the record-and-assert fake)."""
+"""A Transport that records every call, for tests and benchmarks (the record-and-assert fake)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.domain import Job, Progress, SavedImage, Ticket
+from bot.budget import Budget, Unlimited
+from bot.domain import Job, SavedImage
 from bot.errors import DeliveryError, UnreachableError
+from bot.ports import Lane, LaneKind, Phase
 
 
 @dataclass(slots=True)
 class ReplyEvent:
-    """One recorded call: ``kind`` is queued, progress, delivered or failed; ``at`` when (``perf_counter``)."""
+    """One recorded call; ``at`` when (``perf_counter``).
+
+    ``kind`` is queued or progress (the job's status), delivered, failed (its end), said (an
+    answer to a command), board, or delivery-error (an injected failure).
+    """
 
     kind: str
     job_id: str
@@ -24,19 +30,20 @@ class ReplyEvent:
 
 @dataclass(slots=True)
 class RecordingHub:
-    """Shared record of every job's reply calls; ``factory`` is what the service registers.
+    """The transport of a test platform: records what the core sends, in every lane.
 
     ``fail_deliveries[job_id] = n`` makes the next n deliveries raise ``DeliveryError``;
-    ``unreachable`` holds job ids whose chat is gone.
+    ``unreachable`` holds job ids whose chat is gone. ``budget_factory`` gives each lane its
+    budget (unlimited by default); ``delivery["chat"]`` names the lane and
+    ``delivery["group"]`` makes it a group with a board.
     """
 
+    platform: str = "test"
     events: list[ReplyEvent] = field(default_factory=list)
     fail_deliveries: dict[str, int] = field(default_factory=dict)
     unreachable: set[str] = field(default_factory=set)
+    budget_factory: Any = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def factory(self, job: Job) -> RecordingReply:
-        return RecordingReply(self)
 
     def record(self, event: ReplyEvent) -> None:
         self.events.append(event)
@@ -55,28 +62,40 @@ class RecordingHub:
                 self._changed.clear()
                 await self._changed.wait()
 
+    # ------------------------------------------------------------------ the Transport port
 
-class RecordingReply:
-    """The per-job reply target handed to the service."""
+    def lane(self, delivery: Mapping[str, Any]) -> Lane:
+        group = bool(delivery.get("group"))
+        return Lane(
+            key=f"{self.platform}:{delivery.get('chat', '')}",
+            kind=LaneKind.GROUP if group else LaneKind.PRIVATE,
+            board=group,
+        )
 
-    def __init__(self, hub: RecordingHub) -> None:
-        self._hub = hub
+    def budget(self, lane: Lane) -> Budget:
+        return self.budget_factory(lane) if self.budget_factory is not None else Unlimited()
 
-    async def queued(self, job: Job, ticket: Ticket) -> None:
-        self._hub.record(ReplyEvent("queued", job.id, ticket))
+    def result_cost(self, job: Job, images: Sequence[SavedImage]) -> int:
+        return max(1, len(images))
 
-    async def progress(self, job: Job, progress: Progress) -> None:
-        self._hub.record(ReplyEvent("progress", job.id, progress))
+    async def status(self, job: Job, text: str, phase: Phase) -> None:
+        self.record(ReplyEvent("queued" if phase is Phase.QUEUED else "progress", job.id, text))
 
-    async def delivered(self, job: Job, images: Sequence[SavedImage]) -> None:
-        if job.id in self._hub.unreachable:
+    async def result(self, job: Job, images: Sequence[SavedImage], caption: str) -> None:
+        if job.id in self.unreachable:
             raise UnreachableError("the chat is gone")
-        left = self._hub.fail_deliveries.get(job.id, 0)
+        left = self.fail_deliveries.get(job.id, 0)
         if left:
-            self._hub.fail_deliveries[job.id] = left - 1
-            self._hub.record(ReplyEvent("delivery-error", job.id))
+            self.fail_deliveries[job.id] = left - 1
+            self.record(ReplyEvent("delivery-error", job.id))
             raise DeliveryError("injected delivery failure")
-        self._hub.record(ReplyEvent("delivered", job.id, list(images)))
+        self.record(ReplyEvent("delivered", job.id, list(images)))
 
-    async def failed(self, job: Job, message: str) -> None:
-        self._hub.record(ReplyEvent("failed", job.id, message))
+    async def notice(self, job: Job, text: str) -> None:
+        self.record(ReplyEvent("failed", job.id, text))
+
+    async def say(self, delivery: Mapping[str, Any], text: str) -> None:
+        self.record(ReplyEvent("said", str(delivery.get("chat", "")), text))
+
+    async def board(self, lane: Lane, text: str | None) -> None:
+        self.record(ReplyEvent("board", lane.key, text))

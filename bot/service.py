@@ -8,7 +8,7 @@ every job ends in a recorded state with its credits committed or refunded exactl
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from bot import messages
 from bot.config import Settings
 from bot.credits import next_refill, period_key
 from bot.dispatcher import Dispatcher
@@ -27,14 +28,16 @@ from bot.domain import (
     DrawRequest,
     Job,
     JobState,
-    LedgerEntry,
     ModelProfile,
     Progress,
+    QueueEntry,
+    QueueView,
     SavedImage,
     Ticket,
     UploadFile,
     UserRecord,
     UserRef,
+    UserView,
     credit_cost,
     gpu_cost,
 )
@@ -51,7 +54,8 @@ from bot.errors import (
 )
 from bot.fairqueue import FairQueue
 from bot.grammar import Limits, RawOptions, build_request, find_blocked, parse_draw
-from bot.ports import CreditPolicy, Generator, ImageSink, Rendered, Reply, ReplyFactory, Store
+from bot.ports import CreditPolicy, Generator, ImageSink, Rendered, Store, Transport
+from bot.status import StatusEngine
 
 _log = logging.getLogger(__name__)
 
@@ -59,47 +63,14 @@ _log = logging.getLogger(__name__)
 DELIVERY_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class QueueEntry:
-    """A queued or running job with where it stands."""
-
-    job: Job
-    position: int  # 0 = next (or running, see ``running``)
-    eta_seconds: float
-    running: bool = False
-    progress: Progress | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class QueueView:
-    """A snapshot of the queue: what runs and what waits, in predicted order."""
-
-    entries: tuple[QueueEntry, ...]
-    total_queued: int
-    users_waiting: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UserView:
-    """What an admin sees about a user."""
-
-    record: UserRecord
-    balance: Balance
-    history: tuple[LedgerEntry, ...]
-
-
 @dataclass(slots=True)
 class _Live:
     """In-memory companions of an unfinished job (never the source of truth: the store is)."""
 
     job: Job
-    reply: Reply | None
     cancel: threading.Event = field(default_factory=threading.Event)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
     started: float | None = None
     progress: Progress | None = None
-    last_progress: float = 0.0
-    progress_task: asyncio.Task[None] | None = None
 
 
 class Service:
@@ -131,7 +102,11 @@ class Service:
         self._live: dict[str, _Live] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        self._factories: dict[str, ReplyFactory] = {}
+        self.status = StatusEngine(
+            progress_interval=settings.progress_interval,
+            position=self.position,
+            current=self._current_job,
+        )
         self._submit_lock = asyncio.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="brushbot-encode")
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -159,18 +134,24 @@ class Service:
         for live in self._live.values():
             live.cancel.set()
         await self._dispatcher.close()
+        await self.status.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._encoder.shutdown(wait=True, cancel_futures=True)
 
     async def wait_idle(self) -> None:
-        """Wait until every job has reached a final state."""
+        """Wait until every job has reached a final state and every chat has been told."""
         await self._idle.wait()
+        await self.status.flushed()
 
-    def register(self, platform: str, factory: ReplyFactory) -> None:
-        """An adapter registers how to rebuild a job's reply target from ``job.delivery``."""
-        self._factories[platform] = factory
+    def register(self, transport: Transport) -> None:
+        """An adapter registers its transport: how its platform's messages are carried."""
+        self.status.register(transport)
+
+    def _current_job(self, job_id: str) -> Job | None:
+        live = self._live.get(job_id)
+        return live.job if live is not None else None
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -252,7 +233,6 @@ class Service:
     ) -> Ticket:
         """Validate, check bans and limits, reserve credits, persist and queue one job."""
         self._check_content(request, nsfw_allowed=nsfw_allowed)
-        factory = self._factories.get(user.platform)
         async with self._submit_lock:
             record = await self.store.touch_user(user, user_name)
             if record.banned:
@@ -284,7 +264,7 @@ class Service:
                 free=free,
             )
             balance = await self.store.add_job(job, policy=None if free else self._policy())
-            live = _Live(job=job, reply=factory(job) if factory else None)
+            live = _Live(job=job)
             self._live[job.id] = live
             self._idle.clear()
             self._queue.push(job.id, user.key, job.gpu_seconds, weight=record.weight)
@@ -295,17 +275,8 @@ class Service:
             job.id, user.key, request.width, request.height, request.steps, request.count,
             job.credits, ticket.position,
         )  # fmt: skip
-        await self._announce(live, ticket)
+        self.status.queued(job, ticket)
         return ticket
-
-    async def _announce(self, live: _Live, ticket: Ticket) -> None:
-        try:
-            if live.reply is not None:
-                await live.reply.queued(live.job, ticket)
-        except Exception:
-            _log.exception("could not show job %s as queued", live.job.id)
-        finally:
-            live.ready.set()
 
     def _ticket(self, job: Job, credits_left: int | None) -> Ticket:
         position, eta = self.position(job.id)
@@ -413,8 +384,20 @@ class Service:
 
     # ------------------------------------------------------------------ cancel
 
-    async def cancel(self, actor: UserRef, job_id: str, *, vouched: bool = False) -> Job:
-        """Cancel a queued job (refunded at once) or interrupt a running one (refunded when it stops)."""
+    def _newest_cancellable(self, actor: UserRef) -> str:
+        mine = [
+            live.job for live in self._live.values() if live.job.user == actor and live.job.state.cancellable
+        ]
+        if not mine:
+            raise RequestError(messages.NOTHING_TO_CANCEL)
+        return max(mine, key=lambda job: job.created_at).id
+
+    async def cancel(self, actor: UserRef, job_id: str | None = None, *, vouched: bool = False) -> Job:
+        """Cancel a queued job (refunded at once) or interrupt a running one (refunded when it stops).
+
+        Without a job id, the caller's newest unfinished job.
+        """
+        job_id = job_id.strip() if job_id else self._newest_cancellable(actor)
         job = await self.job(job_id)
         if job.user != actor and not self.is_admin(actor, vouched=vouched):
             raise NotAuthorizedError("you can only cancel your own jobs")
@@ -439,6 +422,7 @@ class Service:
         started = self._clock()
         live.started = time.perf_counter()
         live.job = job = replace(live.job, state=JobState.RUNNING, started_at=started)
+        self.status.started(job)
         # The row is marked running while the GPU already draws: the write is off the critical path.
         marking = asyncio.ensure_future(self.store.mark_running(job_id, at=started))
 
@@ -475,6 +459,9 @@ class Service:
         # Saving and delivery happen elsewhere: the dispatcher can start the next job now.
         self._spawn(self._finish(live, rendered), f"finish-{job_id}")
 
+    def _caption(self, job: Job) -> str:
+        return messages.caption(job, messages.job_seconds(job, self._clock()))
+
     def _learn_speed(self, job: Job, rendered: Rendered) -> None:
         work = gpu_cost(job.request, 1.0)  # megapixel-steps, doubled with CFG
         if work > 0 and rendered.seconds > 0:
@@ -483,28 +470,8 @@ class Service:
     def _on_progress(self, live: _Live, step: int, total: int) -> None:
         if live.started is None:
             return  # generation has ended: no progress may follow the result
-        now = time.perf_counter()
-        live.progress = Progress(step=step, total=total, elapsed=now - live.started)
-        busy = live.progress_task is not None and not live.progress_task.done()
-        if live.reply is None or not live.ready.is_set() or busy:
-            return
-        if step < total and now - live.last_progress < self.settings.progress_interval:
-            return
-        live.last_progress = now
-        live.progress_task = self._spawn(self._send_progress(live, live.progress), f"progress-{live.job.id}")
-
-    async def _send_progress(self, live: _Live, progress: Progress) -> None:
-        try:
-            assert live.reply is not None
-            await live.reply.progress(live.job, progress)
-        except Exception as err:
-            _log.debug("progress for job %s not shown: %s", live.job.id, err)
-
-    @staticmethod
-    async def _progress_settled(live: _Live) -> None:
-        """Let an in-flight progress update land before the result, so it cannot overwrite it."""
-        if live.progress_task is not None and not live.progress_task.done():
-            await asyncio.wait([live.progress_task])
+        live.progress = Progress(step=step, total=total, elapsed=time.perf_counter() - live.started)
+        self.status.progress(live.job, live.progress)
 
     async def _finish(self, live: _Live, rendered: Rendered) -> None:
         job = live.job
@@ -521,16 +488,13 @@ class Service:
 
     async def _deliver(self, live: _Live, saved: Sequence[SavedImage]) -> None:
         job = live.job
-        if live.reply is None:
+        if not self.status.knows(job.user.platform):
             await self._end(live, JobState.FAILED, f"no {job.user.platform} connection to deliver to")
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(live.ready.wait(), timeout=30)
-        await self._progress_settled(live)
         attempts = len(self._backoff) + 1
         for attempt in range(attempts):
             try:
-                await live.reply.delivered(live.job, saved)
+                await self.status.deliver(live.job, saved, self._caption)
             except UnreachableError as err:
                 _log.warning("job %s: chat unreachable: %s", job.id, err)
                 await self._end(live, JobState.FAILED, f"the chat could not be reached: {err}", notify=False)
@@ -565,14 +529,12 @@ class Service:
             if changed:
                 self.jobs_done += 1
                 _log.info("job %s %s%s", job.id, state.value, f": {error}" if error else "")
-            if notify and changed and live.reply is not None and error is not None:
-                refund = "" if job.free else f" Your {job.credits} credit(s) were refunded."
-                await self._progress_settled(live)
-                try:
-                    await live.reply.failed(live.job, error.rstrip(".") + "." + refund)
-                except Exception as err:
-                    _log.warning("job %s: could not tell the chat it ended: %s", job.id, err)
+            if notify and changed and error is not None:
+                told = self.status.failed(live.job, messages.ended_text(live.job, error))
+                if told is not None:
+                    told.add_done_callback(functools.partial(_told, job.id))
         finally:
+            self.status.ended(job.id)
             self._live.pop(job.id, None)
             if not self._live:
                 self._idle.set()
@@ -585,25 +547,22 @@ class Service:
         for job in await self.store.unfinished_jobs():
             if job.id in self._live:
                 continue
-            factory = self._factories.get(job.user.platform)
-            reply = factory(job) if factory else None
-            live = _Live(job=job, reply=reply)
+            live = _Live(job=job)
             self._live[job.id] = live
             self._idle.clear()
             count += 1
-            if reply is None:
+            if not self.status.knows(job.user.platform):
                 await self._end(live, JobState.FAILED, f"the {job.user.platform} adapter is not running")
                 continue
             saved = await asyncio.to_thread(_saved_outputs, job) if job.state is JobState.DELIVERING else None
             if saved is not None:
-                live.ready.set()
                 self._spawn(self._deliver(live, saved), f"redeliver-{job.id}")
                 continue
             live.job = replace(job, state=JobState.QUEUED, started_at=None)
             record = await self.store.get_user(job.user)
             self._queue.push(job.id, job.user.key, job.gpu_seconds, weight=record.weight if record else 1.0)
             left = None if job.free else (await self.store.balance(job.user, self._policy())).available
-            self._spawn(self._announce(live, self._ticket(live.job, left)), f"requeued-{job.id}")
+            self.status.queued(live.job, self._ticket(live.job, left), resumed=True)
         if count:
             _log.info("recovered %d unfinished job(s)", count)
             self._dispatcher.wake()
@@ -678,9 +637,15 @@ class Service:
             model=self.profile.name,
             workers=len(self._dispatcher.workers),
             seconds_per_mpx_step=round(self._speed, 4),
+            **self.status.stats(),
             uptime_seconds=round(self._clock() - self._started_at),
         )
         return stats
+
+
+def _told(job_id: str, future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        _log.warning("job %s: could not tell the chat it ended: %s", job_id, future.exception())
 
 
 def _saved_outputs(job: Job) -> list[SavedImage] | None:

@@ -20,7 +20,7 @@ from bot.errors import (
     QueueFullError,
     RequestError,
 )
-from bot.recording import RecordingHub
+from bot.recording import RecordingHub, ReplyEvent
 from bot.service import Service
 from data import SqliteStore
 from generation.images import ImageStore
@@ -66,7 +66,7 @@ class Harness:
             sink=ImageStore(self.settings.output_dir, self.gen.profile.name),
             delivery_backoff=(0.01, 0.01, 0.01),
         )
-        self.service.register("test", self.hub.factory)
+        self.service.register(self.hub)
         await self.service.start()
         await self.service.recover()
         return self.service
@@ -238,7 +238,7 @@ async def test_out_of_memory_fails_one_job_refunds_and_goes_on(h: Harness) -> No
 
 
 async def test_failed_delivery_is_retried_then_unreachable_refunds(h: Harness) -> None:
-    h.service.register("test", h.hub.factory)
+    h.service.register(h.hub)
     first = await h.draw(ALICE, "retry me")
     h.hub.fail_deliveries[first.job.id] = 2
     second = await h.draw(BOB, "gone")
@@ -394,35 +394,27 @@ async def test_positions_and_queue_view(h: Harness) -> None:
     h.gen.release()
 
 
-class SlowProgressReply:
+class SlowProgressHub(RecordingHub):
     """A chat whose progress edits are slow: records when each call starts and ends."""
 
-    def __init__(self, log: list[str]) -> None:
-        self.log = log
-
-    async def queued(self, job: Any, ticket: Any) -> None:
-        self.log.append("queued")
-
-    async def progress(self, job: Any, progress: Any) -> None:
-        self.log.append("progress-start")
+    async def status(self, job: Any, text: str, phase: Any) -> None:
+        if phase.value == "queued":
+            self.record(ReplyEvent("queued", job.id))
+            return
+        self.record(ReplyEvent("progress-start", job.id))
         await asyncio.sleep(0.05)
-        self.log.append("progress-end")
-
-    async def delivered(self, job: Any, images: Any) -> None:
-        self.log.append("delivered")
-
-    async def failed(self, job: Any, message: str) -> None:
-        self.log.append("failed")
+        self.record(ReplyEvent("progress-end", job.id))
 
 
 @pytest.mark.parametrize("outcome", ["delivered", "failed"])
 async def test_no_progress_lands_after_the_result(h: Harness, outcome: str) -> None:
-    log: list[str] = []
-    h.service.register("test", lambda job: SlowProgressReply(log))
+    hub = SlowProgressHub()
+    h.service.register(hub)
     if outcome == "failed":
         h.gen.errors.append(OutOfMemoryError("out of memory"))
     await h.draw(ALICE, "slow chat --steps 6")
     await h.settled()
+    log = [e.kind for e in hub.events]
     assert log[0] == "queued" and log[-1] == outcome
     assert "progress-start" in log
     assert log.count("progress-start") == log.count("progress-end")  # every edit finished before the result
