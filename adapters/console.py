@@ -11,12 +11,14 @@ import getpass
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import TextIO
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
 
 from bot import messages
-from bot.domain import Job, Progress, SavedImage, Ticket, UserRef
+from bot.budget import Budget, Unlimited
+from bot.domain import Job, SavedImage, UserRef
 from bot.errors import BotError
+from bot.ports import Lane, LaneKind, Phase
 from bot.service import Service
 
 _log = logging.getLogger(__name__)
@@ -26,27 +28,40 @@ PLATFORM = "console"
 PROMPT = "brushbot> "
 
 
-class ConsoleReply:
-    """Prints a job's life to the terminal."""
+class ConsoleTransport:
+    """Prints what the core says about the console user's jobs; one lane, no budget."""
+
+    platform = PLATFORM
 
     def __init__(self, out: Callable[[str], None]) -> None:
         self._out = out
+        self._lane = Lane(key=f"{PLATFORM}:local", kind=LaneKind.CONSOLE)
 
-    async def queued(self, job: Job, ticket: Ticket) -> None:
-        self._out(messages.ticket_text(ticket))
+    def lane(self, delivery: Mapping[str, Any]) -> Lane:
+        return self._lane
 
-    async def progress(self, job: Job, progress: Progress) -> None:
-        self._out(messages.progress_text(job, progress))
+    def budget(self, lane: Lane) -> Budget:
+        return Unlimited()
 
-    async def delivered(self, job: Job, images: Sequence[SavedImage]) -> None:
+    def result_cost(self, job: Job, images: Sequence[SavedImage]) -> int:
+        return 1
+
+    async def status(self, job: Job, text: str, phase: Phase) -> None:
+        self._out(text)
+
+    async def result(self, job: Job, images: Sequence[SavedImage], caption: str) -> None:
         took = messages.job_seconds(job, time.time())
-        took_text = f" in {took:.1f}s" if took is not None else ""
-        lines = [f"Job {job.id} done{took_text}:"]
-        lines += [f"  {image.path}  (seed {image.seed})" for image in images]
-        self._out("\n".join(lines))
+        self._out(messages.saved_text(job, [(image.path, image.seed) for image in images], took))
 
-    async def failed(self, job: Job, message: str) -> None:
-        self._out(f"Job {job.id}: {message}")
+    async def notice(self, job: Job, text: str) -> None:
+        self._out(text)
+
+    async def say(self, delivery: Mapping[str, Any], text: str) -> None:
+        self._out(text)
+
+    async def board(self, lane: Lane, text: str | None) -> None:
+        if text:
+            self._out(text)
 
 
 class ConsoleAdapter:
@@ -73,7 +88,7 @@ class ConsoleAdapter:
         await self.close()
 
     async def start(self) -> None:
-        self._service.register(PLATFORM, lambda job: ConsoleReply(self.say))
+        self._service.register(ConsoleTransport(self.say))
 
     async def close(self) -> None:
         return None
@@ -101,10 +116,10 @@ class ConsoleAdapter:
             try:
                 await self.handle(line)
             except BotError as err:
-                self.say(f"⚠ {err}")
+                self.say(f"⚠ {messages.error_text(err, self._service.next_refill_text())}")
             except Exception:
                 _log.exception("console command failed: %s", line)
-                self.say("⚠ something went wrong; see the log")
+                self.say(f"⚠ {messages.GENERIC_ERROR}")
         if wait_for_jobs:
             await self.wait_idle()
 
@@ -127,14 +142,14 @@ class ConsoleAdapter:
         elif command == "/queue":
             self.say(messages.queue_text(svc.queue_view()))
         elif command == "/cancel":
-            job = await svc.cancel(self.user, rest.strip())
+            job = await svc.cancel(self.user, rest.strip() or None)
             self.say(messages.cancel_text(job))
         elif command == "/stats":
             self.say(messages.stats_text(await svc.stats(self.user)))
         elif command in ("/help", "/start"):
-            self.say(messages.HELP + "\n/quit  leave the console")
+            self.say(messages.help_text(PLATFORM, admin=svc.is_admin(self.user)))
         else:
-            self.say(f"unknown command {command[:30]}: try /help")
+            self.say(messages.sentence(messages.UNKNOWN_COMMAND.format(command=command[:30])))
 
 
 def _whoami() -> str:

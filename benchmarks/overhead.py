@@ -183,7 +183,7 @@ class _Telegram:
 async def _telegram(service: Any, settings: Any, users: int) -> AsyncIterator[_Telegram]:
     from pydantic import SecretStr
 
-    from adapters.telegram_bot import TelegramAdapter
+    from adapters.telegram import TelegramAdapter
     from tests.fakes.telegram_server import FakeTelegram
 
     # httpx would send even 127.0.0.1 through a configured proxy

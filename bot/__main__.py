@@ -64,7 +64,7 @@ async def serve(settings: Settings, *, console: bool) -> None:
         )
         await service.start()
         if tokens["TELEGRAM_TOKEN"] and not console:
-            from adapters.telegram_bot import TelegramAdapter
+            from adapters.telegram import TelegramAdapter
 
             await stack.enter_async_context(TelegramAdapter(service, settings))
         if tokens["DISCORD_TOKEN"] and not console:

@@ -98,7 +98,11 @@ class Settings(BaseSettings):
     nsfw_words: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # behaviour
-    progress_interval: float = Field(1.0, ge=0.1)
+    progress_interval: float = Field(1.0, ge=0.01)
+    #: progress edits in group chats, which share a tight budget (Telegram: 20 messages a minute)
+    group_progress_interval: float = Field(3.0, ge=0.01)
+    #: how often a busy group's queue board may be edited at most
+    board_interval: float = Field(5.0, ge=0.01)
     log_level: str = "INFO"
 
     @field_validator("admin_ids", "blocked_words", "nsfw_words", mode="before")

@@ -394,3 +394,11 @@ def help_text(platform: str, *, admin: bool, sizes: Sequence[str] = ()) -> str:
     if admin and platform in ADMIN_HELP:
         parts.append(ADMIN_HELP[platform])
     return "\n\n".join(parts)
+
+
+def saved_text(job: Job, paths_and_seeds: Sequence[tuple[str, int]], seconds: float | None) -> str:
+    """The console's result: where each image was saved."""
+    took = f" in {seconds:.1f}s" if seconds is not None else ""
+    lines = [f"Job {job.id} done{took}:"]
+    lines += [f"  {path}  (seed {seed})" for path, seed in paths_and_seeds]
+    return "\n".join(lines)

@@ -104,6 +104,8 @@ class Service:
         self._idle.set()
         self.status = StatusEngine(
             progress_interval=settings.progress_interval,
+            group_progress_interval=settings.group_progress_interval,
+            board_interval=settings.board_interval,
             position=self.position,
             current=self._current_job,
         )

@@ -89,6 +89,7 @@ class _LaneState:
     board_shown: bool = False
     board_at: float = -math.inf
     sent: int = 0
+    in_flight: list[_Op] = field(default_factory=list)
 
 
 class StatusEngine:
@@ -108,7 +109,7 @@ class StatusEngine:
         self._lanes: dict[str, _LaneState] = {}
         self._job_lane: dict[str, _LaneState] = {}
         self._progress_interval = progress_interval
-        self._group_progress_interval = max(progress_interval, group_progress_interval)
+        self._group_progress_interval = group_progress_interval
         self._board_interval = board_interval
         self._position = position
         self._current = current
@@ -142,8 +143,20 @@ class StatusEngine:
         self._idle.set()
 
     async def flushed(self) -> None:
-        """Wait until every outbox is empty."""
+        """Wait until everything that matters has been sent: results, notices, acknowledgements.
+
+        Folded updates (progress, board edits) may still wait for slack.
+        """
         await self._idle.wait()
+
+    def _check_idle(self) -> None:
+        pending = any(
+            op.priority < Priority.UPDATE for st in self._lanes.values() for op in (*st.ops, *st.in_flight)
+        )
+        if pending:
+            self._idle.clear()
+        else:
+            self._idle.set()
 
     def observe(self, lane_key: str, *, limit: int | None, remaining: int, reset_after: float) -> None:
         """A platform's rate-limit headers for a lane (Discord): the lane's budget learns from them."""
@@ -170,7 +183,7 @@ class StatusEngine:
         now = self._clock()
         others = [v for v in st.jobs.values() if v.job.id != job.id]
         busy = st.lane.board and (bool(others) or st.budget.free(now) < QUIET_FREE)
-        view = _JobView(job=job, own_status=not busy)
+        view = _JobView(job=job, own_status=not busy, last_update=now)
         st.jobs[job.id] = view
         self._job_lane[job.id] = st
         if view.own_status:
@@ -251,14 +264,16 @@ class StatusEngine:
         if st.board_shown or any(op.key == _BOARD for op in st.ops):
             self._board(st, Priority.UPDATE)
 
-    def say(self, platform: str, delivery: Mapping[str, Any], text: str) -> asyncio.Future[None] | None:
-        """Answer a command in its chat, in line with that chat's budget; None when the platform is unknown."""
+    def say(self, platform: str, delivery: Mapping[str, Any], text: str) -> bool:
+        """Answer a command in its chat, in line with that chat's budget (a failure is logged).
+
+        False when the platform has no transport.
+        """
         st = self._lane_of(platform, delivery)
         if st is None:
-            return None
-        done = asyncio.get_running_loop().create_future()
-        self._push(st, Priority.NOTICE, lambda: st.transport.say(delivery, text), done=done)
-        return done
+            return False
+        self._push(st, Priority.NOTICE, lambda: st.transport.say(delivery, text))
+        return True
 
     def _fresh(self, job: Job) -> Job:
         """The job as the service has it now: message ids recorded since the message was queued count."""
@@ -326,12 +341,14 @@ class StatusEngine:
             for op in st.ops:
                 if op.key == key:  # fold: the newer message replaces the waiting one
                     op.run, op.priority = run, min(op.priority, priority)
+                    self._check_idle()
                     st.wake.set()
                     return
         op = _Op(priority=priority, seq=next(self._seq), cost=cost, run=run, since=self._clock(),
                  key=key, job_id=job_id, done=done, cost_fn=cost_fn)  # fmt: skip
         st.ops.append(op)
-        self._idle.clear()
+        if priority < Priority.UPDATE:
+            self._idle.clear()
         st.wake.set()
         if st.task is None or st.task.done():
             st.task = asyncio.create_task(self._drain(st), name=f"outbox-{st.lane.key}")
@@ -340,6 +357,7 @@ class StatusEngine:
     def _drop_updates(self, st: _LaneState, job_id: str) -> None:
         """A job's result or failure is on its way: its waiting acknowledgement and progress are moot."""
         st.ops = [op for op in st.ops if not (op.job_id == job_id and op.priority >= Priority.ACK)]
+        self._check_idle()
 
     def _owed(self, st: _LaneState) -> int:
         """Messages the lane still owes to more important things: results to come and waiting notices."""
@@ -371,8 +389,6 @@ class StatusEngine:
         while True:
             st.wake.clear()
             if not st.ops:
-                if all(not s.ops for s in self._lanes.values()):
-                    self._idle.set()
                 await st.wake.wait()
                 continue
             now = self._clock()
@@ -386,6 +402,7 @@ class StatusEngine:
                 await _sleep_or_wake(st.wake, delay)
                 continue
             st.ops.remove(op)
+            st.in_flight.append(op)
             spent = st.budget.spend(cost, now)
             try:
                 await op.run()
@@ -409,6 +426,8 @@ class StatusEngine:
                     op.done.set_result(None)
             finally:
                 spent.settle(self._clock())
+                st.in_flight.remove(op)
+                self._check_idle()
 
 
 def _cost_of(op: _Op) -> int:
