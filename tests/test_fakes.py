@@ -131,6 +131,9 @@ async def test_album_items_edits_and_reactions_count_deletes_do_not(http: aiohtt
         assert (await api("deleteMessage", chat_id=GROUP, message_id=message_id))[0] == 200
         assert (await api("sendChatAction", chat_id=GROUP, action="typing"))[0] == 200
         assert tg.counted(GROUP) == 6 and len(tg.rate_limited) == 2
+        # each group has its own window
+        tg.group(GROUP - 1, "quiet")
+        assert (await api.send(GROUP - 1))[0] == 200 and tg.counted(GROUP - 1) == 1
         assert [c.method for c in tg.counted_calls(GROUP)] == [
             "sendMediaGroup",
             "sendMessage",
