@@ -252,6 +252,9 @@ def test_discord_buckets_are_keyed_like_discord_py_routes() -> None:
     assert fake.bucket_of("PUT", "/applications/1/guilds/5/commands")[1] == "5"
     other, major = fake.bucket_of("GET", "/users/@me")
     assert (other.limit, other.per, major) == (50, 1.0, "")
+    channel, major = fake.bucket_of("GET", "/channels/42")
+    assert (channel.name, major) == ("GET /channels/{id}", "42")
+    assert fake.bucket_of("GET", "/channels/43")[0].hash == channel.hash
     # the same route's route key and major parameters, as discord.py computes them
     route = Route(
         "PATCH",

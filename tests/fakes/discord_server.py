@@ -879,8 +879,12 @@ class FakeDiscord:
             if match is not None:
                 groups = match.groupdict()
                 return bucket, "+".join(groups[k] for k in _MAJOR if k in groups)
+        # any other route: a bucket of its own per route (ids left out of its name, as in
+        # discord.py's route keys), counted per channel or guild when the path starts with one
         limit, per = OTHER_ROUTES
-        return Bucket(name=f"{method.upper()} {path}", limit=limit, per=per), ""
+        major = re.match(r"/(?:channels|guilds)/(\d+)", path)
+        name = method.upper() + " " + re.sub(r"/\d+", "/{id}", path)
+        return Bucket(name=name, limit=limit, per=per), major.group(1) if major else ""
 
     def _take_slot(self, r: RecordedRequest) -> tuple[web.Response | None, dict[str, str]]:
         """Count the request in its bucket's window: its rate-limit headers, and a 429 when it is over."""
