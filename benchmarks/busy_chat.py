@@ -361,6 +361,7 @@ async def _telegram_case(
             "group_calls_by_method": dict(sorted(by_method.items())),
             "busiest_window": fake.busiest_window(GROUP_ID, cfg.group_limit.window),
             "rate_limited_by_method": dict(Counter(c.method for c in fake.rate_limited)),
+            "retry_after_s": [c.retry_after for c in fake.rate_limited],
         }
         if private_jobs:
             extra["private"] = {
@@ -415,6 +416,7 @@ async def _discord_case(
                 sorted(Counter(f"{r.method} {r.bucket}" for r in writes).items())
             ),
             "rate_limited_by_bucket": dict(Counter(str(r.bucket) for r in fake.rate_limited)),
+            "retry_after_s": [(r.response or {}).get("retry_after") for r in fake.rate_limited],
             "interaction_callbacks": len(callbacks),
             "unanswered_interactions": late_acks,
             "fake_errors": len(fake.errors),
