@@ -108,6 +108,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Starte
         "scheduler": _Started(
             ["benchmarks/scheduler.py", "--jobs", "2000", "--users", "200", "--trials", "10"]
         ),
+        "busy_chat": _Started(
+            ["benchmarks/busy_chat.py", "--quick", "--json", str(folder / "busy.json")], folder / "busy.json"
+        ),
     }
     try:
         yield started
@@ -216,3 +219,42 @@ def test_scheduler_benchmark_reports_every_row(runs: dict[str, _Started]) -> Non
     ):
         assert f"  {what}  " in ran.stdout, what
     assert "10 random arrivals, bound 10" in ran.stdout
+
+
+def test_busy_chat_delivers_and_counts_every_case_against_the_enforcing_fakes(
+    runs: dict[str, _Started],
+) -> None:
+    ran = _finished(runs["busy_chat"])
+    data = ran.data
+    assert "all delivered s" in ran.stdout and "per image" in ran.stdout and "429s" in ran.stdout
+    assert data["config"]["telegram_group_limit"] == {"calls": 20, "window_s": 3.0}
+    cases = data["cases"]
+    assert set(cases) == {"telegram a", "telegram b", "discord a", "discord b", "mixed"}
+    for name, case in cases.items():
+        # every job arrived (found by the seed in its PNG) and nothing failed; the goals are not asserted
+        assert case["delivered"] == case["jobs"] > 0 and case["failed"] == 0, (name, case)
+        assert case["raw_s"] > 0 and case["deliver_s"] > 0 and case["latency_s"]["max"] is not None
+        shared = case["jobs"] - case.get("private", {}).get("jobs", 0)
+        # each image in the shared chat took at least one counted message (an album item counts;
+        # on Discord the interaction's acknowledgement is counted apart)
+        spent = case["messages"] + case.get("interaction_callbacks", 0)
+        assert spent >= shared and case["per_image"] == round(case["messages"] / shared, 3)
+        assert case["rate_limited"] >= 0
+    for name in ("telegram a", "telegram b", "mixed"):
+        case = cases[name]
+        assert sum(case["group_calls_by_method"].values()) >= case["messages"]
+        assert case["busiest_window"] <= 20  # the fake never let more through than its limit
+    assert cases["mixed"]["private"]["delivered"] == cases["mixed"]["private"]["jobs"] == 2
+    for name in ("discord a", "discord b"):
+        assert cases[name]["fake_errors"] == 0 and cases[name]["unanswered_interactions"] == 0
+        assert cases[name]["interaction_callbacks"] == cases[name]["jobs"]  # each /draw acknowledged once
+    assert set(data["targets"]) == {
+        "telegram a: within 2 x raw + 3 s",
+        "telegram b: all delivered",
+        "telegram b: <= 1.15 messages per image",
+        "telegram b: no 429",
+        "discord a: within 2 x raw + 3 s",
+        "discord b: all delivered",
+        "discord b: <= 1.15 messages per image",
+        "discord b: no 429",
+    }

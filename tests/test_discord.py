@@ -155,6 +155,8 @@ async def fake() -> AsyncIterator[FakeDiscord]:
         yield server
         assert not server.errors, server.errors
         assert not [r for r in server.requests if r.unknown_route], "the bot called a route the fake lacks"
+        # discord.py kept within every bucket from the headers alone
+        assert not server.rate_limited, [f"{r.method} {r.path}" for r in server.rate_limited]
 
 
 @pytest.fixture

@@ -159,6 +159,8 @@ async def tg() -> AsyncIterator[FakeTelegram]:
         yield fake
         # the Bot API answered no edit with unchanged text, ever
         assert not [c for c in fake.calls if "not modified" in (c.description or "")]
+        # nothing went over Telegram's flood limits (20 counted calls in any 60 s per group)
+        assert not fake.rate_limited, [f"{c.method}:{c.chat_id}" for c in fake.rate_limited]
 
 
 def make_settings(tiny_settings: Settings, tg: FakeTelegram, **overrides: Any) -> Settings:

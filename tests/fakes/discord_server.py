@@ -15,16 +15,27 @@ bytes, the status returned); errors can be injected per route; interactions (sla
 typed against the synced command schema, button clicks, modal submits) are injected through
 the gateway. Point discord.py at it with ``discord.http.Route.BASE = fake.url`` and
 ``discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(fake.gateway_url)``.
+
+Rate limits work as Discord's do: each route belongs to a bucket (``DEFAULT_BUCKETS``, overridable
+per route) counted per major parameter (channel id, webhook id + token, guild id) in fixed windows
+that start with the first request. Every REST answer carries ``X-RateLimit-Limit``, ``-Remaining``,
+``-Reset``, ``-Reset-After`` and ``-Bucket``; a request over its bucket gets 429 with
+``retry_after`` (float seconds), ``Retry-After`` and ``X-RateLimit-Scope: user``, is not served,
+and is kept in ``rate_limited``. discord.py reads these headers: it waits before sending when a
+bucket's Remaining hit 0 and retries a 429 after ``retry_after``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
+import math
 import re
 import secrets
+import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +61,64 @@ SUB_COMMAND, SUB_COMMAND_GROUP, STRING, INTEGER, BOOLEAN, USER, CHANNEL, ROLE, M
 MEMBER_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 31)
 MANAGE_GUILD = 1 << 5
 ADMINISTRATOR = 1 << 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bucket:
+    """``limit`` requests per ``per`` seconds for each major parameter; routes with one ``name`` share it."""
+
+    name: str
+    limit: int
+    per: float
+
+    def __post_init__(self) -> None:
+        if self.limit < 1 or self.per <= 0:
+            raise ValueError(f"bucket {self.name}: needs limit >= 1 and per > 0, not {self.limit}/{self.per}")
+
+    @property
+    def hash(self) -> str:
+        """What ``X-RateLimit-Bucket`` says: opaque, stable per name, as Discord's hashes are."""
+        return hashlib.sha1(self.name.encode()).hexdigest()[:16]
+
+
+_WEBHOOK = Bucket(name="webhook", limit=5, per=2.0)
+#: route templates ("METHOD /path/{param}") and their buckets, resembling Discord's; any other
+#: route gets a bucket of its own of ``OTHER_ROUTES`` size
+DEFAULT_BUCKETS: Mapping[str, Bucket] = {
+    "POST /channels/{channel_id}/messages": Bucket(name="channel-message-create", limit=5, per=5.0),
+    "PATCH /channels/{channel_id}/messages/{message_id}": Bucket(
+        name="channel-message-edit", limit=5, per=5.0
+    ),
+    "DELETE /channels/{channel_id}/messages/{message_id}": Bucket(
+        name="channel-message-delete", limit=5, per=1.0
+    ),
+    "POST /interactions/{webhook_id}/{webhook_token}/callback": Bucket(
+        name="interaction-callback", limit=5, per=5.0
+    ),
+    # an interaction's follow-ups and edits go through its webhook: one bucket per token
+    "POST /webhooks/{webhook_id}/{webhook_token}": _WEBHOOK,
+    "GET /webhooks/{webhook_id}/{webhook_token}/messages/{message_id}": _WEBHOOK,
+    "PATCH /webhooks/{webhook_id}/{webhook_token}/messages/{message_id}": _WEBHOOK,
+    "DELETE /webhooks/{webhook_id}/{webhook_token}/messages/{message_id}": _WEBHOOK,
+    "PUT /applications/{application_id}/commands": Bucket(name="commands", limit=10, per=10.0),
+    "PUT /applications/{application_id}/guilds/{guild_id}/commands": Bucket(
+        name="guild-commands", limit=10, per=10.0
+    ),
+}
+OTHER_ROUTES = (50, 1.0)
+#: the parameters that key a bucket, in discord.py's ``Route.major_parameters`` order
+_MAJOR = ("channel_id", "guild_id", "webhook_id", "webhook_token")
+
+
+def _template_regex(template: str) -> tuple[str, re.Pattern[str]]:
+    method, path = template.split(" ", 1)
+    return method.upper(), re.compile(re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path)))
+
+
+@dataclass(slots=True)
+class _Window:
+    start: float
+    used: int = 0
 
 
 def _now_iso() -> str:
@@ -91,6 +160,10 @@ class RecordedRequest:
     response: Any = None
     injected: bool = False  # the status came from an injected error
     unknown_route: bool = False
+    bucket: str | None = None  # the rate-limit bucket's name
+    rate_limited: bool = False  # refused with 429 by the fake's buckets (not an injected error)
+    headers: dict[str, str] = field(default_factory=dict)  # the rate-limit headers answered
+    channel_id: int | None = None  # the channel it reads or writes (webhooks: their interaction's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,8 +315,19 @@ class FakeDiscord:
         token_lifetime: float = 15 * 60,
         ack_deadline: float = 3.0,
         heartbeat_interval_ms: int = 41_250,
+        buckets: Mapping[str, Bucket] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """``buckets`` overrides ``DEFAULT_BUCKETS`` route by route; ``clock`` (monotonic seconds,
+        default the loop's) drives the rate-limit windows so a test can move time by hand.
+        """
         self._token = token
+        self.buckets: dict[str, Bucket] = {**DEFAULT_BUCKETS, **(buckets or {})}
+        self._routes = [(*_template_regex(t), t, b) for t, b in self.buckets.items()]
+        self._clock = clock
+        self._windows: dict[tuple[str, str], _Window] = {}
+        #: requests the buckets refused with 429 (injected errors are not here)
+        self.rate_limited: list[RecordedRequest] = []
         self.attachment_size_limit = attachment_size_limit
         self.token_lifetime = token_lifetime
         self.ack_deadline = ack_deadline
@@ -762,7 +846,13 @@ class FakeDiscord:
         )
         self.requests.append(record)
         try:
-            response = self._injected_response(record) or await self._route(record)
+            record.channel_id = self._channel_of(record)
+            response = self._injected_response(record)
+            if response is None:
+                refused, headers = self._take_slot(record)
+                record.headers = headers
+                response = refused or await self._route(record)
+                response.headers.update(headers)
         except Exception as exc:  # a bug in the fake shows up as a 500 and in ``errors``, not as a hang
             self.errors.append(exc)
             response = _error(500, 0, f"fake error: {type(exc).__name__}: {exc}")
@@ -775,6 +865,77 @@ class FakeDiscord:
             record.response = json.loads(response.body)  # type: ignore[arg-type]
         await self._notify()
         return response
+
+    # ------------------------------------------------------------------ rate limits
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._clock() if self._clock is not None else self._loop.time()
+
+    def bucket_of(self, method: str, path: str) -> tuple[Bucket, str]:
+        """The bucket of a request and its major parameter (``channel_id``, ``webhook_id+token``, ...)."""
+        for route_method, rx, _template, bucket in self._routes:
+            match = rx.fullmatch(path) if route_method == method.upper() else None
+            if match is not None:
+                groups = match.groupdict()
+                return bucket, "+".join(groups[k] for k in _MAJOR if k in groups)
+        # any other route: a bucket of its own per route (ids left out of its name, as in
+        # discord.py's route keys), counted per channel or guild when the path starts with one
+        limit, per = OTHER_ROUTES
+        major = re.match(r"/(?:channels|guilds)/(\d+)", path)
+        name = method.upper() + " " + re.sub(r"/\d+", "/{id}", path)
+        return Bucket(name=name, limit=limit, per=per), major.group(1) if major else ""
+
+    def _take_slot(self, r: RecordedRequest) -> tuple[web.Response | None, dict[str, str]]:
+        """Count the request in its bucket's window: its rate-limit headers, and a 429 when it is over."""
+        bucket, major = self.bucket_of(r.method, r.path)
+        r.bucket = bucket.name
+        now = self._now()
+        window = self._windows.get((bucket.name, major))
+        if window is None or now >= window.start + bucket.per:  # a window starts with its first request
+            window = self._windows[(bucket.name, major)] = _Window(start=now)
+        # rounded up, so that a client waiting this long finds the window over
+        reset_after = math.ceil((window.start + bucket.per - now) * 1000) / 1000
+        refused = window.used >= bucket.limit
+        if not refused:
+            window.used += 1
+        headers = {
+            "X-RateLimit-Limit": str(bucket.limit),
+            "X-RateLimit-Remaining": str(bucket.limit - window.used),
+            "X-RateLimit-Reset": f"{math.ceil((time.time() + reset_after) * 1000) / 1000:.3f}",
+            "X-RateLimit-Reset-After": f"{reset_after:.3f}",
+            "X-RateLimit-Bucket": bucket.hash,
+        }
+        if not refused:
+            return None, headers
+        r.rate_limited = True
+        self.rate_limited.append(r)
+        headers.update(
+            {
+                "Retry-After": str(max(1, math.ceil(reset_after))),
+                "X-RateLimit-Scope": "user",
+                "Via": "1.1 google",  # discord.py treats a 429 without Via as a Cloudflare ban
+            }
+        )
+        body = {"message": "You are being rate limited.", "retry_after": reset_after, "global": False}
+        return _json_response(body, 429), headers
+
+    def _channel_of(self, r: RecordedRequest) -> int | None:
+        channel = re.match(r"/channels/(\d+)", r.path)
+        if channel is not None:
+            return int(channel.group(1))
+        token = re.match(r"/(?:webhooks|interactions)/\d+/([^/]+)", r.path)
+        interaction = self.interactions.get(token.group(1)) if token is not None else None
+        return interaction.channel_id if interaction is not None else None
+
+    def writes(self, channel_id: int) -> list[RecordedRequest]:
+        """Successful requests that posted or edited a message in the channel (callbacks, follow-ups,
+        webhook edits, channel messages), oldest first; what a busy channel sees of the bot."""
+        return [
+            r
+            for r in self.requests
+            if r.channel_id == channel_id and r.method in ("POST", "PATCH") and 200 <= r.status < 300
+        ]
 
     def _injected_response(self, record: RecordedRequest) -> web.Response | None:
         for inj in self._injected:

@@ -7,6 +7,13 @@ not found"), parks ``getUpdates`` long polls until an update is injected, record
 decoded parameters and uploaded files (bytes included), and can inject errors: 429 with
 ``retry_after``, 400, 403, or a chat that kicked the bot.
 
+It enforces Telegram's flood limits the strict way: at most ``group_limit.calls`` counted calls
+in any ``group_limit.window`` seconds per group chat (20 in 60 s by default), where each message
+sent, each album item, each edit and each reaction counts (``COUNTED_METHODS``). A call over the
+limit is answered 429 with ``parameters.retry_after`` = the whole seconds until a slot frees, takes
+no slot and creates nothing; it is kept in ``rate_limited`` so a test can assert there was none.
+A private-chat limit (about one a second on Telegram) is off unless ``private_limit`` is given.
+
     async with FakeTelegram() as tg:
         group = tg.group(-1001, "artists")
         alice = tg.user(11, "Alice", "alice")
@@ -21,10 +28,12 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import re
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +54,7 @@ _JSON_FIELDS = frozenset(
         "caption_entities",
         "link_preview_options",
         "message_ids",
+        "reaction",
     }
 )
 _INT_FIELDS = frozenset(
@@ -60,8 +70,61 @@ _BOOL_FIELDS = frozenset(
         "has_spoiler",
         "disable_content_type_detection",
         "allow_sending_without_reply",
+        "is_big",
     }
 )
+#: methods that post or change a message: each takes a slot of the chat's limit (an album, one per item)
+COUNTED_METHODS = frozenset(
+    {
+        "sendMessage",
+        "sendPhoto",
+        "sendDocument",
+        "sendAnimation",
+        "sendVideo",
+        "sendAudio",
+        "sendVoice",
+        "sendVideoNote",
+        "sendSticker",
+        "sendPaidMedia",
+        "sendLocation",
+        "sendVenue",
+        "sendContact",
+        "sendPoll",
+        "sendDice",
+        "sendMediaGroup",
+        "copyMessage",
+        "copyMessages",
+        "forwardMessage",
+        "forwardMessages",
+        "editMessageText",
+        "editMessageCaption",
+        "editMessageMedia",
+        "editMessageReplyMarkup",
+        "editMessageLiveLocation",
+        "setMessageReaction",
+    }
+)
+#: recorded like every call, counted only with ``count_deletes=True``
+DELETE_METHODS = frozenset({"deleteMessage", "deleteMessages"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limit:
+    """At most ``calls`` counted calls in any ``window`` seconds, per chat."""
+
+    calls: int
+    window: float
+
+    def __post_init__(self) -> None:
+        if self.calls < 1 or self.window <= 0:
+            raise ValueError(f"a limit needs calls >= 1 and window > 0, not {self.calls} per {self.window}")
+
+
+#: the Bot API's group limit read strictly: 20 messages in any 60 s
+GROUP_LIMIT = Limit(calls=20, window=60.0)
+#: about one message a second in a private chat (not enforced unless asked for)
+PRIVATE_LIMIT = Limit(calls=1, window=1.0)
+
 _NOT_MODIFIED = (
     "Bad Request: message is not modified: specified new message content and reply markup are "
     "exactly the same as a current content and reply markup of the message"
@@ -89,7 +152,16 @@ class ApiCall:
     status: int
     result: Any = None
     description: str | None = None
-    at: float = 0.0  # time.monotonic() when answered
+    at: float = 0.0  # the fake's clock (time.monotonic() unless given) when answered
+    parameters: Mapping[str, Any] | None = None  # of an error answer
+    counted: int = 0  # slots of its chat's limit it took (album items each count)
+    limited: bool = False  # refused with 429 by the fake's flood limit (not an injected error)
+
+    @property
+    def retry_after(self) -> int | None:
+        """The ``retry_after`` of a 429 answer."""
+        value = (self.parameters or {}).get("retry_after")
+        return value if isinstance(value, int) else None
 
     @property
     def ok(self) -> bool:
@@ -123,6 +195,7 @@ class StoredMessage:
     from_bot: bool
     data: dict[str, Any]
     deleted: bool = False
+    reaction: list[dict[str, Any]] | None = None  # the bot's reaction (setMessageReaction)
 
     @property
     def text(self) -> str | None:
@@ -153,11 +226,19 @@ class _Rule:
 
 
 class _ApiError(Exception):
-    def __init__(self, status: int, description: str, parameters: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        description: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        limited: bool = False,
+    ) -> None:
         super().__init__(description)
         self.status = status
         self.description = description
         self.parameters = parameters
+        self.limited = limited
 
 
 def _image_size(data: bytes) -> tuple[int, int]:
@@ -202,7 +283,16 @@ class FakeTelegram:
         bot_username: str = "brushbot_test_bot",
         photo_limit: int = 10 * 1024 * 1024,
         document_limit: int = 50 * 1024 * 1024,
+        group_limit: Limit | None = GROUP_LIMIT,
+        private_limit: Limit | None = None,
+        counted_methods: Collection[str] = COUNTED_METHODS,
+        count_deletes: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``group_limit``/``private_limit``: the flood limits per chat (None: not enforced);
+        ``counted_methods``: what takes a slot (``count_deletes`` adds the deletes); ``clock``
+        (seconds, monotonic) lets a test move time by hand.
+        """
         self.token = token
         self.bot_id = int(token.split(":", 1)[0])
         self.bot_username = bot_username
@@ -217,7 +307,15 @@ class FakeTelegram:
             "can_read_all_group_messages": False,
             "supports_inline_queries": False,
         }
+        self.group_limit = group_limit
+        self.private_limit = private_limit
+        self.counted_methods = frozenset(counted_methods) | (DELETE_METHODS if count_deletes else frozenset())
+        self._clock = clock
         self.calls: list[ApiCall] = []
+        #: calls the flood limit refused with 429 (injected errors are not here)
+        self.rate_limited: list[ApiCall] = []
+        #: per chat, when each slot in its current window was taken (one stamp per counted unit)
+        self._slots: dict[int, deque[float]] = {}
         self.chats: dict[int, dict[str, Any]] = {}
         self.messages: dict[tuple[int, int], StoredMessage] = {}
         self.files: dict[str, Upload] = {}
@@ -531,14 +629,14 @@ class FakeTelegram:
     async def _handle(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         params, files = await self._read(request)
-        status, body = 200, None
+        status, body, counted, limited = 200, None, 0, False
         try:
             if request.match_info["token"] != self.token:
                 raise _ApiError(401, "Unauthorized")
-            result = await self._dispatch(method, params, files)
+            result, counted = await self._dispatch(method, params, files)
             body = {"ok": True, "result": result}
         except _ApiError as err:
-            status = err.status
+            status, limited = err.status, err.limited
             body = {"ok": False, "error_code": err.status, "description": err.description}
             if err.parameters:
                 body["parameters"] = err.parameters
@@ -550,10 +648,15 @@ class FakeTelegram:
             status=status,
             result=body.get("result"),
             description=body.get("description"),
-            at=time.monotonic(),
+            at=self._clock(),
+            parameters=body.get("parameters"),
+            counted=counted,
+            limited=limited,
         )
         async with self._cond:
             self.calls.append(call)
+            if limited:
+                self.rate_limited.append(call)
             self._cond.notify_all()
         return web.json_response(body, status=status)
 
@@ -568,7 +671,8 @@ class FakeTelegram:
             rule.times -= 1
             raise _ApiError(rule.status, rule.description, rule.parameters)
 
-    async def _dispatch(self, method: str, p: dict[str, Any], files: dict[str, Upload]) -> Any:
+    async def _dispatch(self, method: str, p: dict[str, Any], files: dict[str, Upload]) -> tuple[Any, int]:
+        """The method's result and the slots it took; the limit is checked before the method runs."""
         chat_id = p.get("chat_id") if isinstance(p.get("chat_id"), int) else None
         self._injected(method, chat_id)
         handler = getattr(self, f"_m_{method}", None)
@@ -582,7 +686,74 @@ class FakeTelegram:
                 if chat.get("type") == "private"
                 else "Forbidden: bot was kicked from the group chat",
             )
-        return await handler(p, files)
+        weight = self._weight(method, p)
+        if weight == 0 or chat_id is None:
+            return await handler(p, files), 0
+        # check, run and stamp without yielding: no other call can take the slot in between
+        # (a counted method's handler never awaits anything)
+        now = self._clock()
+        limit = self._limit_for(chat_id)
+        if limit is not None:
+            self._check_limit(chat_id, limit, weight, now)
+        result = await handler(p, files)
+        if limit is not None:
+            self._slots.setdefault(chat_id, deque()).extend([now] * weight)
+        return result, weight
+
+    # ------------------------------------------------------------------ flood limits
+
+    def _weight(self, method: str, p: Mapping[str, Any]) -> int:
+        """How many slots the call takes: one, one per album item, or none when it is not counted."""
+        if method not in self.counted_methods:
+            return 0
+        media = p.get("media")
+        if method == "sendMediaGroup" and isinstance(media, list):
+            return max(1, len(media))
+        return 1
+
+    def _limit_for(self, chat_id: int) -> Limit | None:
+        # groups, supergroups (and channels) have negative ids, private chats the user's id
+        return self.group_limit if chat_id < 0 else self.private_limit
+
+    def _check_limit(self, chat_id: int, limit: Limit, weight: int, now: float) -> None:
+        stamps = self._slots.setdefault(chat_id, deque())
+        while stamps and stamps[0] <= now - limit.window:
+            stamps.popleft()
+        over = len(stamps) + weight - limit.calls
+        if over <= 0:
+            return
+        # the ``over`` oldest slots must expire first; a call bigger than the limit never fits
+        wait = stamps[over - 1] + limit.window - now if over <= len(stamps) else limit.window
+        retry_after = max(1, math.ceil(wait))
+        raise _ApiError(
+            429, f"Too Many Requests: retry after {retry_after}", {"retry_after": retry_after}, limited=True
+        )
+
+    def counted(self, chat_id: int) -> int:
+        """Slots the bot's successful calls took in ``chat_id`` so far (album items each count)."""
+        return sum(c.counted for c in self.calls if c.chat_id == chat_id)
+
+    def counted_calls(self, chat_id: int | None = None) -> list[ApiCall]:
+        """The successful calls that took slots (in ``chat_id``), oldest first."""
+        return [c for c in self.calls if c.counted and (chat_id is None or c.chat_id == chat_id)]
+
+    def counted_per_chat(self) -> dict[int, int]:
+        """Slots taken per chat."""
+        out: dict[int, int] = {}
+        for call in self.counted_calls():
+            assert call.chat_id is not None
+            out[call.chat_id] = out.get(call.chat_id, 0) + call.counted
+        return out
+
+    def busiest_window(self, chat_id: int, window: float) -> int:
+        """The most slots taken in ``chat_id`` within any ``window`` seconds (by answer time)."""
+        stamps = sorted(t for c in self.counted_calls(chat_id) for t in [c.at] * c.counted)
+        best, first = 0, 0
+        for last, at in enumerate(stamps):
+            while at - stamps[first] >= window:
+                first += 1
+            best = max(best, last - first + 1)
+        return best
 
     # ------------------------------------------------------------------ helpers for methods
 
@@ -854,6 +1025,36 @@ class FakeTelegram:
             stored.data["reply_markup"] = markup
         return stored.data
 
+    async def _m_editMessageMedia(self, p: dict[str, Any], files: dict[str, Upload]) -> Any:
+        stored = self._stored(p, "edit")
+        media = p.get("media")
+        if not isinstance(media, dict) or media.get("type") not in ("photo", "document"):
+            raise _ApiError(400, "Bad Request: can't parse InputMedia")
+        if stored.text is not None:
+            raise _ApiError(400, "Bad Request: there is no media in the message to edit")
+        upload = self._file_for(p, files, str(media["type"]), media.get("media"))
+        kept = {
+            k: v for k, v in stored.data.items() if k not in ("photo", "document", "caption", "reply_markup")
+        }
+        if media["type"] == "photo":
+            kept["photo"] = self._photo(upload)
+        else:
+            kept["document"] = self._document(upload)
+        kept.update(self._check_caption(media), edit_date=int(time.time()))
+        markup = _markup(p.get("reply_markup"))
+        if markup is not None:
+            kept["reply_markup"] = markup
+        stored.data = kept
+        return stored.data
+
+    async def _m_setMessageReaction(self, p: dict[str, Any], files: dict[str, Upload]) -> Any:
+        stored = self._stored(p, "react")
+        reaction = p.get("reaction") or []
+        if not isinstance(reaction, list) or any(not isinstance(r, dict) for r in reaction):
+            raise _ApiError(400, "Bad Request: REACTION_INVALID")
+        stored.reaction = reaction
+        return True
+
     async def _m_deleteMessage(self, p: dict[str, Any], files: dict[str, Upload]) -> Any:
         self._stored(p, "delete").deleted = True
         return True
@@ -891,4 +1092,15 @@ class FakeTelegram:
         return None
 
 
-__all__ = ["DEFAULT_TOKEN", "ApiCall", "FakeTelegram", "StoredMessage", "Upload"]
+__all__ = [
+    "COUNTED_METHODS",
+    "DEFAULT_TOKEN",
+    "DELETE_METHODS",
+    "GROUP_LIMIT",
+    "PRIVATE_LIMIT",
+    "ApiCall",
+    "FakeTelegram",
+    "Limit",
+    "StoredMessage",
+    "Upload",
+]
