@@ -130,10 +130,13 @@ def _env_for_fakes() -> None:
 
 @contextlib.asynccontextmanager
 async def start_telegram(service: Any, settings: Settings, fake: FakeTelegram) -> AsyncIterator[None]:
-    """Today's Telegram adapter, as production builds it, on ``fake``; the one place to re-point."""
+    """The Telegram adapter, as production builds it, on ``fake``; the one place to re-point.
+
+    Its group budget is the fake's limit (the real 20 in any 60 s unless ``--quick`` shortens it).
+    """
     from pydantic import SecretStr
 
-    from adapters.telegram_bot import TelegramAdapter
+    from adapters.telegram import TelegramAdapter
 
     _env_for_fakes()
     update = {
@@ -141,7 +144,9 @@ async def start_telegram(service: Any, settings: Settings, fake: FakeTelegram) -
         "telegram_base_url": fake.base_url,
         "telegram_base_file_url": fake.base_file_url,
     }
-    adapter = TelegramAdapter(service, settings.model_copy(update=update), poll_timeout=5.0)
+    limit = fake.group_limit
+    budget = {"group_limit": limit.calls, "group_window": limit.window} if limit is not None else {}
+    adapter = TelegramAdapter(service, settings.model_copy(update=update), poll_timeout=5.0, **budget)
     await adapter.start()
     try:
         yield

@@ -183,7 +183,7 @@ class StatusEngine:
         now = self._clock()
         others = [v for v in st.jobs.values() if v.job.id != job.id]
         busy = st.lane.board and (bool(others) or st.budget.free(now) < QUIET_FREE)
-        view = _JobView(job=job, own_status=not busy, last_update=now)
+        view = _JobView(job=job, own_status=not busy)
         st.jobs[job.id] = view
         self._job_lane[job.id] = st
         if view.own_status:

@@ -26,12 +26,14 @@ from bot.ports import Rendered, StepCallback
 from bot.service import Service
 from data import SqliteStore
 from generation.images import ImageStore, read_parameters
-from tests.fakes.telegram_server import DEFAULT_TOKEN, ApiCall, FakeTelegram, StoredMessage
+from tests.fakes.telegram_server import DEFAULT_TOKEN, ApiCall, FakeTelegram, Limit, StoredMessage
 
 ALICE = FakeTelegram.user(11, "Alice", "alice")
 BOB = FakeTelegram.user(12, "Bob", "bob")
 ADA = FakeTelegram.user(900, "Ada", "ada")  # the admin
 GROUP = -100_111
+#: Telegram's group limit, on a shorter window so a test that talks a lot in one group stays quick
+TEST_GROUP_LIMIT = Limit(calls=20, window=2.0)
 
 
 def ref(user: dict[str, Any]) -> UserRef:
@@ -68,7 +70,8 @@ class Harness:
         self.adapter_kw: dict[str, Any] = {
             "poll_timeout": 5.0,
             "private_window": 0.02,
-            "group_window": 1.0,
+            "group_limit": TEST_GROUP_LIMIT.calls,
+            "group_window": TEST_GROUP_LIMIT.window,
             **adapter_kw,
         }
 
@@ -155,7 +158,7 @@ def _loopback_without_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def tg() -> AsyncIterator[FakeTelegram]:
-    async with FakeTelegram() as fake:
+    async with FakeTelegram(group_limit=TEST_GROUP_LIMIT) as fake:
         yield fake
         # the Bot API answered no edit with unchanged text, ever
         assert not [c for c in fake.calls if "not modified" in (c.description or "")]
@@ -169,7 +172,7 @@ def make_settings(tiny_settings: Settings, tg: FakeTelegram, **overrides: Any) -
         "telegram_base_url": tg.base_url,
         "telegram_base_file_url": tg.base_file_url,
         "admin_ids": [f"telegram:{ADA['id']}"],
-        "progress_interval": 0.1,
+        "progress_interval": 0.01,
         "group_progress_interval": 0.05,
         "daily_credits": 10,
         **overrides,
@@ -277,7 +280,8 @@ async def test_progress_edits_are_throttled(
         await h.say(tg.private_chat(BOB), BOB, "/draw a slow snail")
         await tg.wait_for("sendPhoto")
         await h.settled()
-        assert tg.calls_of("editMessageText") == []  # the status was sent less than 600 s ago
+        # the first step turns the status into "Drawing"; the next edit would be 600 s later
+        assert len(tg.calls_of("editMessageText")) <= 1
     finally:
         await h.close()
 
@@ -619,3 +623,123 @@ async def test_webhook_mode_without_the_webhooks_extra_is_a_config_error(
     assert h.adapter.closed
     await h.service.close()
     await h.store.close()
+
+
+# ---------------------------------------------------------------------------------- busy chats
+
+USERS = [FakeTelegram.user(100 + n, f"User{n}", f"user{n}") for n in range(8)]
+
+
+def photos_in(tg: FakeTelegram, chat_id: int) -> list[ApiCall]:
+    return tg.calls_of("sendPhoto", chat_id, ok=True)
+
+
+async def test_a_quiet_group_still_shows_status_and_progress(h: Harness, tg: FakeTelegram) -> None:
+    group = tg.group(GROUP, "artists")
+    request = await h.say(group, ALICE, "/draw a quiet pond --steps 8")
+    await tg.wait_for("sendPhoto")
+    await h.settled()
+    statuses = [
+        c for c in tg.calls_of("sendMessage", GROUP, ok=True) if "Queued job" in str(c.params["text"])
+    ]
+    assert len(statuses) == 1
+    assert statuses[0].params["reply_parameters"]["message_id"] == request["message_id"]
+    progress = [c for c in tg.calls_of("editMessageText", GROUP) if "Drawing job" in str(c.params["text"])]
+    assert progress, "a quiet group sees its job's progress"
+    assert not [c for c in tg.calls_of("sendMessage", GROUP) if "brushbot ·" in str(c.params["text"])]
+    status = tg.message(GROUP, statuses[0].result["message_id"])
+    assert status.deleted  # the result took its place
+
+
+async def test_a_busy_group_folds_status_into_one_board_and_each_result_replies(
+    h: Harness, tg: FakeTelegram, gen: GatedWorker
+) -> None:
+    gen.gate.clear()
+    group = tg.group(GROUP, "artists")
+    requests = [await h.say(group, user, f"/draw picture {n} --seed {n}") for n, user in enumerate(USERS[:6])]
+    board_calls = [
+        c for c in tg.calls_of("sendMessage", GROUP, ok=True) if "brushbot ·" in str(c.params["text"])
+    ]
+    assert len(board_calls) == 1 and "job(s) for this chat" in str(board_calls[0].params["text"])
+    queued = [c for c in tg.calls_of("sendMessage", GROUP, ok=True) if "Queued job" in str(c.params["text"])]
+    assert len(queued) == 1  # the first job found the group quiet; the others went on the board
+    gen.gate.set()
+    await tg.wait_for("sendPhoto", count=6)
+    await h.settled()
+    photos = photos_in(tg, GROUP)
+    for n, request in enumerate(requests):
+        [photo] = [p for p in photos if p.params["reply_parameters"]["message_id"] == request["message_id"]]
+        caption = str(photo.params["caption"])
+        assert caption.startswith(f"picture {n}") and f"seed {n}" in caption
+    # about one message per image: the photos, the first job's status, the board and a few board edits
+    assert tg.counted(GROUP) <= 6 + 1 + 1 + 2
+    await tg.wait_until(lambda: tg.message(GROUP, board_calls[0].result["message_id"]).deleted)
+
+
+async def test_a_refusal_in_a_busy_group_still_gets_its_line(
+    h: Harness, tg: FakeTelegram, gen: GatedWorker
+) -> None:
+    gen.gate.clear()
+    group = tg.group(GROUP, "artists")
+    for n, user in enumerate(USERS[:4]):
+        await h.say(group, user, f"/draw busy {n}")
+    refused = await h.say(group, USERS[5], "/draw too long --steps 9999")
+    [line] = [c for c in tg.calls_of("sendMessage", GROUP, ok=True)
+              if c.params.get("reply_parameters", {}).get("message_id") == refused["message_id"]]  # fmt: skip
+    assert "9999" in str(line.params["text"]) and "\n" not in str(line.params["text"])
+    gen.gate.set()
+    await tg.wait_for("sendPhoto", count=4)
+    await h.settled()
+
+
+async def test_a_429_that_arrives_anyway_is_honoured_and_nothing_is_lost(
+    tiny_settings: Settings, gen: GatedWorker
+) -> None:
+    # The bot thinks a group takes 20 messages in 2 s; this one takes 3 in 1 s and says so with 429s.
+    async with FakeTelegram(group_limit=Limit(calls=3, window=1.0)) as tg:
+        h = Harness(tg, make_settings(tiny_settings, tg), gen)
+        await h.open()
+        try:
+            gen.gate.clear()
+            group = tg.group(GROUP, "artists")
+            for n, user in enumerate(USERS[:5]):
+                await h.say(group, user, f"/draw limited {n}")
+            gen.gate.set()
+            await tg.wait_for("sendPhoto", count=5, timeout=60)
+            await h.settled()
+            assert tg.rate_limited, "the fake never refused anything: the test tests nothing"
+            for user in USERS[:5]:
+                [job] = await h.store.user_jobs(ref(user))
+                assert job.state is JobState.DELIVERED
+            assert len(photos_in(tg, GROUP)) == 5  # each delivered once
+        finally:
+            await h.close()
+
+
+async def test_private_chats_are_not_slowed_by_a_busy_groups_backlog(
+    tiny_settings: Settings, gen: GatedWorker
+) -> None:
+    # A group that takes 3 messages in 2 s gets 6 results: its backlog drains for seconds.
+    limit = Limit(calls=3, window=2.0)
+    async with FakeTelegram(group_limit=limit) as tg:
+        h = Harness(
+            tg, make_settings(tiny_settings, tg), gen, group_limit=limit.calls, group_window=limit.window
+        )
+        await h.open()
+        try:
+            gen.gate.clear()
+            group = tg.group(GROUP, "artists")
+            for n, user in enumerate(USERS[:6]):
+                await h.say(group, user, f"/draw group {n}")
+            for user in (ALICE, BOB):
+                await h.say(tg.private_chat(user), user, "/draw private")
+            gen.gate.set()
+            await tg.wait_for("sendPhoto", count=8, timeout=60)
+            await h.settled()
+            assert not tg.rate_limited
+            last_group_photo = max(c.seq for c in photos_in(tg, GROUP))
+            for user in (ALICE, BOB):
+                [photo] = photos_in(tg, user["id"])
+                assert photo.seq < last_group_photo  # delivered while the group's results still waited
+        finally:
+            await h.close()
