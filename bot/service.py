@@ -31,6 +31,7 @@ from bot.domain import (
     ModelProfile,
     Progress,
     SavedImage,
+    SourceImage,
     Ticket,
     UploadFile,
     UserRecord,
@@ -50,8 +51,18 @@ from bot.errors import (
     UnreachableError,
 )
 from bot.fairqueue import FairQueue
-from bot.grammar import Limits, RawOptions, build_request, find_blocked, parse_draw
-from bot.ports import CreditPolicy, Generator, ImageSink, Rendered, Reply, ReplyFactory, Store
+from bot.grammar import (
+    Limits,
+    RawOptions,
+    build_request,
+    check_strength,
+    find_blocked,
+    parse_draw,
+    precheck_picture_request,
+    split_flags,
+)
+from bot.inputs import check_picture, check_size
+from bot.ports import CreditPolicy, Generator, ImageSink, Rendered, Reply, ReplyFactory, SourceKeeper, Store
 
 _log = logging.getLogger(__name__)
 
@@ -115,6 +126,7 @@ class Service:
         clock: Callable[[], float] = time.time,
         rand32: Callable[[], int] = lambda: secrets.randbits(32),
         delivery_backoff: Sequence[float] = DELIVERY_BACKOFF,
+        sources: SourceKeeper | None = None,
     ) -> None:
         if not workers:
             raise ValueError("at least one worker is needed")
@@ -123,6 +135,7 @@ class Service:
         self.profile: ModelProfile = workers[0].profile
         self.limits = Limits.from_settings(settings)
         self._sink = sink
+        self._sources = sources  # None: drawing from pictures is off
         self._clock = clock
         self._rand32 = rand32
         self._backoff = tuple(delivery_backoff)
@@ -224,7 +237,7 @@ class Service:
         return build_request(options, self.profile, self.limits)
 
     def estimate(self, request: DrawRequest) -> float:
-        return gpu_cost(request, self._speed)
+        return gpu_cost(request, self._speed, self.profile)
 
     def cost(self, request: DrawRequest) -> int:
         """Credits a request costs (shown before it runs)."""
@@ -325,6 +338,75 @@ class Service:
         """The same settings with a new seed, charged to ``actor``."""
         job = await self.job(job_id)
         request = replace(job.request, seed=None, notes=())
+        return await self.submit(
+            actor, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
+        )
+
+    # ------------------------------------------------------------------ pictures (image-to-image)
+
+    def check_picture_size(self, size_bytes: int) -> None:
+        """Refuse a picture by the size its platform declares, before downloading it (``MAX_INPUT_BYTES``)."""
+        check_size(size_bytes, self.limits.max_input_bytes)
+
+    async def keep_picture(self, data: bytes) -> SourceImage:
+        """Check a user's picture (size, format by its bytes, pixels before decoding) and keep it.
+
+        Every refusal is one ``RequestError`` line; nothing is charged.
+        """
+        if self._sources is None:
+            raise RequestError("drawing from a picture is not enabled here")
+        check_picture(data, self.limits.max_input_bytes)
+        keeper = self._sources
+        # decoding is blocking work: never on the event loop
+        return await asyncio.to_thread(keeper.keep, data, max_pixels=self.limits.max_input_pixels)
+
+    async def submit_picture(
+        self,
+        user: UserRef,
+        text: str | RawOptions,
+        picture: bytes,
+        *,
+        delivery: dict[str, Any],
+        user_name: str = "",
+        nsfw_allowed: bool = True,
+    ) -> Ticket:
+        """Draw from a picture: ``text`` is what follows ``/draw`` (or a platform form's options).
+
+        The words are checked first, then the picture is checked and kept, then the job is
+        submitted like any other (the job row holds the kept picture's reference).
+        """
+        options = split_flags(text) if isinstance(text, str) else text
+        precheck_picture_request(options, self.profile, self.limits)
+        source = await self.keep_picture(picture)
+        request = build_request(options, self.profile, self.limits, source)
+        return await self.submit(
+            user, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
+        )
+
+    async def vary(
+        self,
+        actor: UserRef,
+        job_id: str,
+        strength: float,
+        *,
+        delivery: dict[str, Any],
+        user_name: str = "",
+        nsfw_allowed: bool = True,
+    ) -> Ticket:
+        """A variation of a finished job's first image: its prompt and size, a new seed, one image.
+
+        ``strength`` is ``VARY_SUBTLE`` or ``VARY_STRONG`` from the Vary buttons; charged to ``actor``.
+        """
+        job = await self.job(job_id)
+        strength = check_strength(strength, job.request.steps, self.profile)
+        if not job.outputs:
+            raise RequestError(f"job {job.id} has no picture to vary yet ({job.state.value})")
+        try:
+            data = await asyncio.to_thread(_read_bytes, job.outputs[0])
+        except FileNotFoundError:
+            raise RequestError(f"the picture of job {job.id} is no longer on disk") from None
+        source = await self.keep_picture(data)
+        request = replace(job.request, seed=None, count=1, notes=(), strength=strength, source=source.ref)
         return await self.submit(
             actor, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
         )
@@ -476,7 +558,7 @@ class Service:
         self._spawn(self._finish(live, rendered), f"finish-{job_id}")
 
     def _learn_speed(self, job: Job, rendered: Rendered) -> None:
-        work = gpu_cost(job.request, 1.0)  # megapixel-steps, doubled with CFG
+        work = gpu_cost(job.request, 1.0, self.profile)  # megapixel-steps run, doubled with CFG
         if work > 0 and rendered.seconds > 0:
             self._speed = 0.7 * self._speed + 0.3 * (rendered.seconds / work)
 
@@ -681,6 +763,11 @@ class Service:
             uptime_seconds=round(self._clock() - self._started_at),
         )
         return stats
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def _saved_outputs(job: Job) -> list[SavedImage] | None:
