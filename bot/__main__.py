@@ -129,7 +129,7 @@ async def draw(settings: Settings, words: Sequence[str]) -> list[str]:
     from generation.sources import SourceStore
     from generation.worker import Worker
 
-    text, out, image = _split_out(words)
+    text, out, picture = _split_out(words)
     if out is not None:
         # the picture drawn from is kept next to the outputs, where the worker looks for it
         settings = settings.model_copy(update={"output_dir": out})
@@ -137,11 +137,11 @@ async def draw(settings: Settings, words: Sequence[str]) -> list[str]:
     limits = Limits.from_settings(settings)
     options = split_flags(text)
     # the profile is known before the model loads: refuse a bad request without waiting for it
-    if image is None:
+    if picture is None:
         request = build_request(options, worker.profile, limits)
     else:
         precheck_picture_request(options, worker.profile, limits)
-        data = await asyncio.to_thread(read_picture_file, image, limits.max_input_bytes)
+        data = await asyncio.to_thread(read_picture_file, picture, limits.max_input_bytes)
         keeper = SourceStore(settings.output_dir)
         source = await asyncio.to_thread(keeper.keep, data, max_pixels=limits.max_input_pixels)
         request = build_request(options, worker.profile, limits, source)
@@ -175,11 +175,9 @@ async def draw(settings: Settings, words: Sequence[str]) -> list[str]:
         print(f"{image.path}\tseed {image.seed}")
     timings = " ".join(f"{k} {v:.2f}s" for k, v in rendered.timings.items())
     steps = (
-        f"{worker.profile.steps_run(request)} of {request.steps} steps"
-        if request.from_picture
-        else (f"{request.steps} steps")
+        f"{worker.profile.steps_run(request)} of {request.steps}" if request.from_picture else request.steps
     )
-    print(f"generated {len(saved)} image(s) {request.width}x{request.height}, {steps}, "
+    print(f"generated {len(saved)} image(s) {request.width}x{request.height}, {steps} steps, "
           f"in {rendered.seconds:.2f}s on the GPU thread ({timings}); {total:.2f}s with saving; "
           f"model loaded in {worker.load_seconds or 0:.1f}s")  # fmt: skip
     return [s.path for s in saved]
