@@ -142,4 +142,7 @@ def img2img_arguments(request: DrawRequest, source: Image.Image) -> dict[str, An
     if not 0 < request.strength <= 1:
         # diffusers runs no step at strength 0 and fails; the grammar never lets it through
         raise ValueError(f"strength must be in (0, 1], got {request.strength}")
-    return {"image": fit_source(source, request.width, request.height), "strength": request.strength}
+    fitted = fit_source(source, request.width, request.height)
+    # one copy per image: each is encoded with its own generator, so an image of a batch comes out
+    # as it would alone with its seed (Z-Image encodes one shared copy with the first generator only)
+    return {"image": [fitted] * request.count, "strength": request.strength}
