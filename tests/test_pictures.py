@@ -573,3 +573,28 @@ async def test_a_missing_source_fails_that_job_only(tiny_worker: Worker) -> None
     fine = parse_draw("a fox", tiny_worker.profile, Limits())
     assert len((await tiny_worker.generate(fine, (1,), on_step=lambda s, t: None,
                                            cancel=threading.Event())).images) == 1  # fmt: skip
+
+
+async def test_console_draws_from_a_picture_and_refuses_in_one_line(tmp_path: Path) -> None:
+    from adapters.console import ConsoleAdapter
+
+    h = Harness(tmp_path)
+    service = await h.open()
+    photo = tmp_path / "in.png"
+    gradient(64, 64).save(photo)
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    script = f"/draw a fox --image {photo} --strength 0.5 --seed 3\n/draw a fox --image {notes}\n/draw x --image nope.png\n"
+    out = io.StringIO()
+    user = UserRef(platform="console", id="me")
+    try:
+        async with ConsoleAdapter(service, stdin=io.StringIO(script), stdout=out, user=user) as console:
+            await console.run()
+        text = out.getvalue()
+        assert "Queued job" in text and "strength 0.5" in text and "(seed 3)" in text
+        assert "⚠ that file is not a picture: send a PNG, JPEG or WebP\n" in text
+        assert "⚠ there is no file nope.png\n" in text
+        jobs = await h.store.user_jobs(user)
+        assert [(j.request.strength, j.state) for j in jobs] == [(0.5, JobState.DELIVERED)]
+    finally:
+        await h.close()
