@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 from bot.domain import DrawRequest, SourceImage
 from bot.errors import GenerationError, RequestError
@@ -56,11 +56,14 @@ def decode_picture(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str]:
         if _PIL_FORMATS.get(str(img.format)) != fmt:
             raise RequestError(_UNREADABLE)
         check_pixels(img.width, img.height, max_pixels)
+        icc = img.info.get("icc_profile")
         try:
             upright = ImageOps.exif_transpose(img)
             rgb = _to_rgb(upright)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             raise RequestError(_UNREADABLE) from None
+    if isinstance(icc, bytes) and icc:
+        rgb = _to_srgb(rgb, icc)
     clean = Image.new("RGB", rgb.size)
     clean.paste(rgb)  # a fresh image: nothing of the upload's info (EXIF, ICC, text) comes along
     return clean, fmt
@@ -73,6 +76,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _to_srgb(image: Image.Image, icc: bytes) -> Image.Image:
+    """The picture's colours in sRGB: its profile (a phone's Display P3, say) is applied, then dropped."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        converted = ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        _log.info("a picture's colour profile could not be applied; its colours are used as they are")
+        return image
+    return converted if converted is not None else image
 
 
 class SourceStore:

@@ -303,6 +303,9 @@ def test_exif_orientation_is_applied_and_metadata_dropped(tmp_path: Path) -> Non
         # turned 90° clockwise: the left (red) half is now on top
         top, bottom = img.getpixel((10, 5)), img.getpixel((10, 35))
         assert top[0] > 180 > top[2] and bottom[2] > 180 > bottom[0]
+        # the sRGB profile was applied, not mangled: the colours are those of the picture
+        plain, _ = decode_picture(encode(wide, "JPEG", exif=exif.tobytes(), quality=95), max_pixels=10**6)
+        assert np.abs(np.asarray(img, np.int16) - np.asarray(plain, np.int16)).max() <= 8
     # the same picture is kept once
     assert store.keep(data, max_pixels=10**6) == kept
     assert [p.name for p in path.parent.iterdir()] == [path.name]
