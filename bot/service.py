@@ -399,17 +399,21 @@ class Service:
         """
         job = await self.job(job_id)
         strength = check_strength(strength, job.request.steps, self.profile)
-        if not job.outputs:
-            raise RequestError(f"job {job.id} has no picture to vary yet ({job.state.value})")
-        try:
-            data = await asyncio.to_thread(_read_bytes, job.outputs[0])
-        except FileNotFoundError:
-            raise RequestError(f"the picture of job {job.id} is no longer on disk") from None
-        source = await self.keep_picture(data)
+        source = await self.keep_picture(await self.result_picture(job.id))
         request = replace(job.request, seed=None, count=1, notes=(), strength=strength, source=source.ref)
         return await self.submit(
             actor, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
         )
+
+    async def result_picture(self, job_id: str) -> bytes:
+        """The PNG bytes of a job's first image, to draw from (``/draw`` as a reply to a result)."""
+        job = await self.job(job_id)
+        if not job.outputs:
+            raise RequestError(f"job {job.id} has no picture to vary yet ({job.state.value})")
+        try:
+            return await asyncio.to_thread(_read_bytes, job.outputs[0])
+        except FileNotFoundError:
+            raise RequestError(f"the picture of job {job.id} is no longer on disk") from None
 
     # ------------------------------------------------------------------ looking
 

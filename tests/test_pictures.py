@@ -412,11 +412,15 @@ async def test_submit_picture_and_vary_charge_the_steps_run_and_keep_the_source(
             Image.open(SourceStore(h.settings.output_dir).path(job.request.source or "")) as kept,
         ):
             assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(kept))
+        # /draw as a reply to a result: new words on that result, kept once (the same reference)
+        result = await service.result_picture(ticket.job.id)
+        replied = await service.submit_picture(BOB, "a sketch --strength 0.4", result, delivery={"chat": "b"})
+        assert replied.job.request.source == job.request.source and replied.job.request.prompt == "a sketch"
         rerolled = await service.reroll(ALICE, ticket.job.id, delivery={"chat": "alice"})
         assert rerolled.job.request.source == request.source and rerolled.job.request.seed is None
         await h.settled()
         kinds = sorted(r[1] for r in ledger(h.settings.db_path))
-        assert kinds == ["commit"] * 3 + ["reserve"] * 3
+        assert kinds == ["commit"] * 4 + ["reserve"] * 4
     finally:
         await h.close()
 
