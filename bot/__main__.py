@@ -143,7 +143,9 @@ async def draw(settings: Settings, words: Sequence[str]) -> list[str]:
         precheck_picture_request(options, worker.profile, limits)
         data = await asyncio.to_thread(read_picture_file, picture, limits.max_input_bytes)
         keeper = SourceStore(settings.output_dir)
-        source = await asyncio.to_thread(keeper.keep, data, max_pixels=limits.max_input_pixels)
+        source = await asyncio.to_thread(
+            keeper.keep, data, max_pixels=limits.max_input_pixels, keep_pixels=2 * limits.max_pixels
+        )
         request = build_request(options, worker.profile, limits, source)
     for note in request.notes:
         print(f"note: {note}", file=sys.stderr)

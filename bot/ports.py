@@ -82,10 +82,11 @@ class SourceKeeper(Protocol):
 
     Blocking (decoding and PNG encoding): the core runs it off the event loop. ``keep``
     raises ``RequestError`` (one line) for a picture it refuses: not PNG, JPEG or WebP, more
-    than ``max_pixels`` pixels in its header (refused before decoding), or unreadable.
+    than ``max_pixels`` pixels in its header (refused before decoding), or unreadable. A
+    picture larger than ``keep_pixels`` is kept scaled down to that (no output needs more).
     """
 
-    def keep(self, data: bytes, *, max_pixels: int) -> SourceImage: ...
+    def keep(self, data: bytes, *, max_pixels: int, keep_pixels: int) -> SourceImage: ...
 
 
 class Reply(Protocol):

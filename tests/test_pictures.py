@@ -334,6 +334,16 @@ def test_transparency_is_flattened_on_white_and_fit_crops_the_centre(tmp_path: P
                                       source="ab" * 32), bands)  # fmt: skip
 
 
+def test_a_large_picture_is_kept_scaled_down_in_its_shape(tmp_path: Path) -> None:
+    store = SourceStore(tmp_path)
+    kept = store.keep(encode(gradient(400, 300), "PNG"), max_pixels=10**6, keep_pixels=30_000)
+    assert (kept.width, kept.height) == (200, 150)
+    with Image.open(store.path(kept.ref)) as img:
+        assert img.size == (200, 150)
+    small = store.keep(encode(gradient(40, 30), "PNG"), max_pixels=10**6, keep_pixels=30_000)
+    assert (small.width, small.height) == (40, 30)  # never scaled up
+
+
 def test_console_image_flag() -> None:
     assert take_image_flag("a fox --image in.png --seed 3") == ("a fox  --seed 3", "in.png")
     assert take_image_flag('a fox --image "my photo.jpg"') == ("a fox", "my photo.jpg")
