@@ -46,6 +46,8 @@ class _Job:
     cancel: threading.Event
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Rendered]
+    #: image-to-image arguments (the fitted picture, the strength), prepared off the GPU thread
+    extra: dict[str, Any] | None = None
     #: set when the awaiting coroutine went away: stop the work, nobody wants it
     abandoned: threading.Event = field(default_factory=threading.Event)
 
@@ -238,6 +240,8 @@ class Worker:
         if not self.running:
             raise GenerationError(_STOPPED_MESSAGE)
         loop = asyncio.get_running_loop()
+        # the picture is decoded and fitted on a helper thread: the GPU thread only draws
+        extra = None if request.source is None else await asyncio.to_thread(self._source_arguments, request)
         job = _Job(
             request=request,
             seeds=seeds,
@@ -245,6 +249,7 @@ class Worker:
             cancel=cancel,
             loop=loop,
             future=loop.create_future(),
+            extra=extra,
         )
         self._jobs.put(job)
         try:
@@ -339,8 +344,8 @@ class Worker:
             return {}
 
         try:
-            target, extra = self._prepare(pipe, job.request)
-            images = call_pipeline(target, job.request, job.seeds, on_step_end, extra=extra)
+            target = pipe if job.extra is None else self._image_pipeline(pipe)
+            images = call_pipeline(target, job.request, job.seeds, on_step_end, extra=job.extra)
             seconds = time.perf_counter() - started
             result = Rendered(images=images, seeds=job.seeds, seconds=seconds, timings={"total": seconds})
         except _Interrupted:
@@ -369,14 +374,16 @@ class Worker:
             self._recover(pipe)
         _post(job.loop, _resolve, job.future, result, error)
 
-    def _prepare(self, pipe: Any, request: DrawRequest) -> tuple[Any, dict[str, Any] | None]:
-        """The pipeline to call for ``request`` and its extra arguments (the picture, for image-to-image)."""
-        if request.source is None:
-            return pipe, None
+    def _source_arguments(self, request: DrawRequest) -> dict[str, Any]:
+        """The image-to-image arguments of ``request``, from its kept picture (blocking: a PNG decode)."""
+        assert request.source is not None
+        return img2img_arguments(request, open_source(self._sources.path(request.source)))
+
+    def _image_pipeline(self, pipe: Any) -> Any:
+        """The image-to-image pipeline, made from the warm one on first use (worker thread only)."""
         if self._image_pipe is None:
             self._image_pipe = image_pipeline(pipe)
-        source = open_source(self._sources.path(request.source))
-        return self._image_pipe, img2img_arguments(request, source)
+        return self._image_pipe
 
     def _free_hooks(self, pipe: Any) -> None:
         """Put back the offload hooks an aborted run left mid-way (diffusers does it at a run's end)."""

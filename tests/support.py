@@ -8,7 +8,9 @@ real worker on the tiny model is covered by the generation tests and the end-to-
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
+import zlib
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -73,3 +75,18 @@ class ScriptedGenerator:
         images = [Image.new("RGB", (request.width, request.height), (seed % 256, 0, 0)) for seed in seeds]
         cost = total * request.megapixels * request.count
         return Rendered(images=images, seeds=seeds, seconds=cost, timings={"total": cost})
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` but holds a few bytes of data: a bomb's header, cheaply."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )

@@ -7,9 +7,7 @@ import asyncio
 import hashlib
 import io
 import sqlite3
-import struct
 import threading
-import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,7 +40,7 @@ from generation.images import ImageStore, read_parameters
 from generation.presets import resolve_profile
 from generation.sources import SourceStore, decode_picture, fit_source, img2img_arguments
 from generation.worker import Worker
-from tests.support import PROFILE
+from tests.support import PROFILE, png_header_only
 from tests.test_service import ALICE, BOB, Harness, ledger
 
 Z_IMAGE = resolve_profile("z-image-turbo", diffusers_steps_fix=True)
@@ -68,21 +66,6 @@ def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **options)
     return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` but holds a few bytes of data: a bomb's header, cheaply."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.fixture
