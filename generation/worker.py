@@ -353,7 +353,7 @@ class Worker:
             error = (
                 GenerationError(_STOPPED_MESSAGE) if self._closing.is_set() else CancelledError("Cancelled.")
             )
-        except BotError as exc:  # a clear reason already (the source picture is gone, say)
+        except BotError as exc:  # a clear reason already (no image-to-image pipeline for this model)
             error = exc
         except Exception as exc:
             if _is_oom(exc):
