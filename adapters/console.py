@@ -1,7 +1,8 @@
 """The console adapter: a terminal chat for trying brushbot without Discord or Telegram.
 
 Type ``/draw a red fox in snow --seed 7`` and watch the queue, the progress and the saved
-paths. Input is read on a thread so the loop never blocks.
+paths; ``/draw a watercolour --image photo.jpg --strength 0.5`` draws from a picture.
+Input is read on a thread so the loop never blocks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from bot import messages
 from bot.budget import Budget, Unlimited
 from bot.domain import Job, SavedImage, UserRef
 from bot.errors import BotError
+from bot.inputs import read_picture_file, take_image_flag
 from bot.ports import Lane, LaneKind, Phase
 from bot.service import Service
 
@@ -133,8 +135,13 @@ class ConsoleAdapter:
         command = command.lower().split("@", 1)[0]
         svc = self._service
         if command in ("/draw", "/imagine"):
-            request = svc.parse(rest)
-            await svc.submit(self.user, request, delivery={}, user_name=self.user.id)
+            rest, image = take_image_flag(rest)
+            if image is None:
+                request = svc.parse(rest)
+                await svc.submit(self.user, request, delivery={}, user_name=self.user.id)
+            else:
+                data = await asyncio.to_thread(read_picture_file, image, svc.limits.max_input_bytes)
+                await svc.submit_picture(self.user, rest, data, delivery={}, user_name=self.user.id)
         elif command == "/credits":
             self.say(messages.balance_text(await svc.credits(self.user), svc.next_refill_text()))
         elif command == "/jobs":

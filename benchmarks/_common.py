@@ -23,7 +23,7 @@ from typing import Any
 
 from bot.config import Settings
 from bot.domain import DrawRequest
-from bot.ports import ReplyFactory
+from bot.ports import Transport
 from bot.recording import RecordingHub, ReplyEvent
 
 _log = logging.getLogger(__name__)
@@ -452,8 +452,7 @@ async def bot_path(
     profile: Any,
     plan: Any,
     *,
-    platform_name: str,
-    factory: ReplyFactory,
+    transport: Transport,
 ) -> AsyncIterator[BotPath]:
     """The whole bot path: ``SqliteStore`` → ``Service`` (fair queue, dispatcher) → ``Worker`` → ``ImageStore``.
 
@@ -476,7 +475,7 @@ async def bot_path(
             workers=[worker],
             sink=ImageStore(settings.output_dir, profile.name),
         )
-        service.register(platform_name, factory)
+        service.register(transport)
         await service.start()
         try:
             yield BotPath(service=service, store=store)

@@ -284,10 +284,8 @@ async def _service(tiny: TinyBench, folder: Path, name: str, jobs: int) -> Async
             "max_queued_total": max(jobs, 1),
         }
     )
-    hub = RecordingHub()  # nothing is submitted for it: the adapters bring the jobs
-    async with bot_path(
-        settings, tiny.pipe, tiny.profile, tiny.plan, platform_name="bench", factory=hub.factory
-    ) as path:
+    hub = RecordingHub(platform="bench")  # nothing is submitted for it: the adapters bring the jobs
+    async with bot_path(settings, tiny.pipe, tiny.profile, tiny.plan, transport=hub) as path:
         yield path, settings
 
 

@@ -357,10 +357,8 @@ async def _bot(run: Run, row: Row) -> None:
 
     folder = Path(tempfile.mkdtemp(prefix=f"bot-{row.name.replace(':', '-')}-", dir=run.folder))
     settings = bench_settings(folder, model=run.spec.model, device=run.device, jobs=run.images + 1)
-    hub = RecordingHub()
-    async with bot_path(
-        settings, run.pipe, run.profile, run.plan, platform_name=PLATFORM, factory=hub.factory
-    ) as path:
+    hub = RecordingHub(platform=PLATFORM)
+    async with bot_path(settings, run.pipe, run.profile, run.plan, transport=hub) as path:
         service = path.service
         users = [UserRef(platform=PLATFORM, id=f"user{n}") for n in range(2)]
         timeout = max(60.0, 20 * run.per_image)

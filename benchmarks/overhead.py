@@ -317,13 +317,11 @@ async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
     settings, pipe, profile, plan = tiny.settings, tiny.pipe, tiny.profile, tiny.plan
     rss_ready = rss_bytes()
 
-    hub = RecordingHub()
+    hub = RecordingHub(platform=PLATFORM)
     rounds: dict[str, list[_Round]] = {"raw": [], "bot": [], "telegram": []}
     telegram_note = "skipped (--no-telegram)"
     async with contextlib.AsyncExitStack() as stack:
-        path = await stack.enter_async_context(
-            bot_path(settings, pipe, profile, plan, platform_name=PLATFORM, factory=hub.factory)
-        )
+        path = await stack.enter_async_context(bot_path(settings, pipe, profile, plan, transport=hub))
         # the worker thread's first job pays for its own thread-local set-up: keep it out too
         warm = await _bot_round(path, pipe, hub, Config(jobs=1, users=1, size=cfg.size, steps=cfg.steps))
         if warm.failed or not warm.delivered:

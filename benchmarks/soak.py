@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,9 @@ from benchmarks._common import (
     table,
     tiny_bench,
 )
-from bot.domain import DrawRequest, Job, LedgerKind, Progress, SavedImage, Ticket, UserRef, credit_cost
+from bot.budget import Budget, Unlimited
+from bot.domain import DrawRequest, Job, LedgerKind, SavedImage, UserRef, credit_cost
+from bot.ports import Lane, LaneKind, Phase
 
 PLATFORM = "soak"
 #: the issue's goal: RSS may grow less than this from job 100 to the last job
@@ -103,31 +105,44 @@ class _Tally:
         if self.ended >= self.cfg.jobs:
             self.done.set()
 
-    def factory(self, job: Job) -> _SoakReply:
-        return _SoakReply(self)
 
+class _SoakTransport:
+    """The soak's chat: counts deliveries and failures per job; no budget, nothing shown."""
 
-class _SoakReply:
+    platform = PLATFORM
+
     def __init__(self, tally: _Tally) -> None:
         self._tally = tally
 
-    async def queued(self, job: Job, ticket: Ticket) -> None:
+    def lane(self, delivery: Mapping[str, Any]) -> Lane:
+        return Lane(key=f"{PLATFORM}:{delivery.get('chat', '')}", kind=LaneKind.PRIVATE)
+
+    def budget(self, lane: Lane) -> Budget:
+        return Unlimited()
+
+    def result_cost(self, job: Job, images: Sequence[SavedImage]) -> int:
+        return 1
+
+    async def status(self, job: Job, text: str, phase: Phase) -> None:
         return None
 
-    async def progress(self, job: Job, progress: Progress) -> None:
-        return None
-
-    async def delivered(self, job: Job, images: Sequence[SavedImage]) -> None:
+    async def result(self, job: Job, images: Sequence[SavedImage], caption: str) -> None:
         tally = self._tally
         tally.delivered[job.id] += 1
         if tally.delivered[job.id] == 1:
             tally.delivered_by_user[job.user.key] += 1
             tally.end(job)
 
-    async def failed(self, job: Job, message: str) -> None:
+    async def notice(self, job: Job, text: str) -> None:
         if job.id not in self._tally.failed and job.id not in self._tally.delivered:
-            self._tally.failed[job.id] = message
+            self._tally.failed[job.id] = text
             self._tally.end(job)
+
+    async def say(self, delivery: Mapping[str, Any], text: str) -> None:
+        return None
+
+    async def board(self, lane: Lane, text: str | None) -> None:
+        return None
 
 
 def _request(cfg: Config, index: int) -> DrawRequest:
@@ -178,7 +193,7 @@ async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
     tally = _Tally(cfg=cfg, slots={u.key: asyncio.Semaphore(cfg.waiting_per_user) for u in users})
     submitted: list[str] = []
     refused: list[str] = []
-    async with bot_path(settings, pipe, profile, plan, platform_name=PLATFORM, factory=tally.factory) as path:
+    async with bot_path(settings, pipe, profile, plan, transport=_SoakTransport(tally)) as path:
         service = path.service
 
         async def user(number: int) -> None:

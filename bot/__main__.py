@@ -2,7 +2,7 @@
 
     python -m bot                 run the chat adapters whose tokens are set (the console if none)
     python -m bot console         a terminal chat against the full service
-    python -m bot draw PROMPT [flags] [--out DIR]
+    python -m bot draw PROMPT [flags] [--image PATH [--strength 0.6]] [--out DIR]
     python -m bot doctor          torch/CUDA, memory, the device plan, the model, which tokens are set
     python -m bot tiny-model DIR  write the tiny random demo pipeline (draws noise; for tests and demos)
 
@@ -29,7 +29,8 @@ from bot import messages
 from bot.config import Settings, load_settings
 from bot.domain import Job, UserRef
 from bot.errors import BotError
-from bot.grammar import Limits, parse_draw
+from bot.grammar import Limits, build_request, precheck_picture_request, split_flags
+from bot.inputs import read_picture_file
 from bot.logs import setup_logging
 
 _log = logging.getLogger("bot")
@@ -48,6 +49,7 @@ async def serve(settings: Settings, *, console: bool) -> None:
     from bot.service import Service
     from data import SqliteStore
     from generation.images import ImageStore
+    from generation.sources import SourceStore
     from generation.worker import Worker
 
     tokens = settings.tokens_set()
@@ -61,6 +63,7 @@ async def serve(settings: Settings, *, console: bool) -> None:
             store=store,
             workers=[worker],
             sink=ImageStore(settings.output_dir, worker.profile.name),
+            sources=SourceStore(settings.output_dir),
         )
         await service.start()
         if tokens["TELEGRAM_TOKEN"] and not console:
@@ -99,32 +102,51 @@ async def _until_signalled() -> None:
 # ---------------------------------------------------------------------------------- draw
 
 
-def _split_out(words: Sequence[str]) -> tuple[str, Path | None]:
+def _split_out(words: Sequence[str]) -> tuple[str, Path | None, Path | None]:
+    """(the draw text, ``--out DIR``, ``--image PATH``) from the command line's words."""
     text: list[str] = []
-    out: Path | None = None
+    paths: dict[str, Path] = {}
     it = iter(words)
     for word in it:
-        if word == "--out":
-            value = next(it, None)
-            if value is None:
-                raise BotError("--out needs a directory")
-            out = Path(value)
-        elif word.startswith("--out="):
-            out = Path(word.split("=", 1)[1])
+        name, eq, inline = word.partition("=")
+        if name in ("--out", "--image"):
+            value = inline if eq else next(it, None)
+            if not value:
+                raise BotError(
+                    f"{name} needs {'a directory' if name == '--out' else 'the path of a picture'}"
+                )
+            if name in paths:
+                raise BotError(f"{name} is given twice")
+            paths[name] = Path(value)
         else:
             text.append(word)
-    return " ".join(text), out
+    return " ".join(text), paths.get("--out"), paths.get("--image")
 
 
 async def draw(settings: Settings, words: Sequence[str]) -> list[str]:
     """Draw one request directly on the worker (no queue, no credits) and save it."""
     from generation.images import ImageStore
+    from generation.sources import SourceStore
     from generation.worker import Worker
 
-    text, out = _split_out(words)
+    text, out, picture = _split_out(words)
+    if out is not None:
+        # the picture drawn from is kept next to the outputs, where the worker looks for it
+        settings = settings.model_copy(update={"output_dir": out})
     worker = Worker(settings)
+    limits = Limits.from_settings(settings)
+    options = split_flags(text)
     # the profile is known before the model loads: refuse a bad request without waiting for it
-    request = parse_draw(text, worker.profile, Limits.from_settings(settings))
+    if picture is None:
+        request = build_request(options, worker.profile, limits)
+    else:
+        precheck_picture_request(options, worker.profile, limits)
+        data = await asyncio.to_thread(read_picture_file, picture, limits.max_input_bytes)
+        keeper = SourceStore(settings.output_dir)
+        source = await asyncio.to_thread(
+            keeper.keep, data, max_pixels=limits.max_input_pixels, keep_pixels=2 * limits.max_pixels
+        )
+        request = build_request(options, worker.profile, limits, source)
     for note in request.notes:
         print(f"note: {note}", file=sys.stderr)
     async with worker:
@@ -148,13 +170,16 @@ async def draw(settings: Settings, words: Sequence[str]) -> list[str]:
             created_at=time.time(),
             free=True,
         )
-        sink = ImageStore(out or settings.output_dir, worker.profile.name)
+        sink = ImageStore(settings.output_dir, worker.profile.name)
         saved = await asyncio.to_thread(sink.save, job, rendered)
         total = time.perf_counter() - started
     for image in saved:
         print(f"{image.path}\tseed {image.seed}")
     timings = " ".join(f"{k} {v:.2f}s" for k, v in rendered.timings.items())
-    print(f"generated {len(saved)} image(s) {request.width}x{request.height}, {request.steps} steps, "
+    steps = (
+        f"{worker.profile.steps_run(request)} of {request.steps}" if request.from_picture else request.steps
+    )
+    print(f"generated {len(saved)} image(s) {request.width}x{request.height}, {steps} steps, "
           f"in {rendered.seconds:.2f}s on the GPU thread ({timings}); {total:.2f}s with saving; "
           f"model loaded in {worker.load_seconds or 0:.1f}s")  # fmt: skip
     return [s.path for s in saved]
@@ -186,7 +211,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the configured chat adapters (the default)")
     sub.add_parser("console", help="a terminal chat against the full service")
     p_draw = sub.add_parser("draw", help="draw one prompt and save it", prefix_chars="\0")
-    p_draw.add_argument("words", nargs="*", help="PROMPT [--ar 16:9 --seed 7 --n 2 ...] [--out DIR]")
+    p_draw.add_argument(
+        "words",
+        nargs="*",
+        help="PROMPT [--ar 16:9 --seed 7 --n 2 ...] [--image PATH --strength 0.6] [--out DIR]",
+    )
     sub.add_parser("doctor", help="report torch/CUDA, memory, device plan, model and tokens")
     p_tiny = sub.add_parser("tiny-model", help="write the tiny random demo pipeline to DIR")
     p_tiny.add_argument("dir", type=Path)

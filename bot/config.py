@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(1000, ge=1)
     max_queued_per_user: int = Field(3, ge=1)
     max_queued_total: int = Field(100, ge=1)
+    #: a picture to draw from: its largest file size, and its most pixels (checked before decoding;
+    #: at most Pillow's own decompression-bomb threshold, about 89 megapixels)
+    max_input_bytes: int = Field(20 * 1024 * 1024, ge=1024, le=200 * 1024 * 1024)
+    max_input_pixels: int = Field(50_000_000, ge=64 * 64, le=89_000_000)
     default_negative_prompt: str = ""
     blocked_words: Annotated[list[str], NoDecode] = Field(default_factory=list)
     nsfw_words: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -36,6 +36,30 @@ class UserRef:
         return self.key
 
 
+#: the two strengths of the Vary buttons: a close variation and a freer one
+VARY_SUBTLE = 0.35
+VARY_STRONG = 0.7
+
+
+class StepRounding(enum.StrEnum):
+    """How an image-to-image pipeline turns ``strength × steps`` into the steps it runs.
+
+    Z-Image rounds up (0.6 × 8 runs 5 steps); Stable Diffusion and SDXL round down (4).
+    """
+
+    UP = "up"
+    DOWN = "down"
+
+    def steps_run(self, steps: int, strength: float) -> int:
+        """The denoising steps the pipeline runs: diffusers' own arithmetic, float for float."""
+        if self is StepRounding.UP:
+            # ZImageImg2ImgPipeline.get_timesteps
+            init = min(steps * strength, steps)
+            return steps - int(max(steps - init, 0))
+        # StableDiffusion(XL)Img2ImgPipeline.get_timesteps
+        return steps - max(steps - min(int(steps * strength), steps), 0)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelProfile:
     """What the core needs to know about a model: defaults, size rules and speed.
@@ -59,10 +83,20 @@ class ModelProfile:
     seconds_per_mpx_step: float = 0.25
     #: named sizes: square, portrait, landscape, wide, ...
     sizes: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    #: how its image-to-image pipeline rounds ``strength × steps``; None = it cannot draw from a picture
+    img2img: StepRounding | None = None
 
     @property
     def default_pixels(self) -> int:
         return self.default_width * self.default_height
+
+    def steps_run(self, request: DrawRequest) -> int:
+        """The denoising steps ``request`` actually runs: all of them, or its share when it starts from a picture."""
+        if request.strength is None:
+            return request.steps
+        if self.img2img is None:
+            raise RequestError(f"the model {self.name} cannot draw from a picture")
+        return self.img2img.steps_run(request.steps, request.strength)
 
     def size_for_ratio(self, rw: int, rh: int) -> tuple[int, int]:
         """Width and height with about the default pixel count in ratio ``rw:rh``.
@@ -91,6 +125,19 @@ class DrawRequest:
     count: int = 1
     #: things the user should be told (e.g. a negative prompt without guidance has no effect)
     notes: tuple[str, ...] = ()
+    #: image-to-image: how far from the picture to go (0.05–1), None for text-to-image
+    strength: float | None = None
+    #: image-to-image: the sha256 of the kept source picture (``OUTPUT_DIR/sources/<sha256>.png``)
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.strength is None) != (self.source is None):
+            raise ValueError("strength and source go together: both set (from a picture) or neither")
+
+    @property
+    def from_picture(self) -> bool:
+        """Whether this request starts from a picture (image-to-image)."""
+        return self.source is not None
 
     @property
     def megapixels(self) -> float:
@@ -112,6 +159,8 @@ class DrawRequest:
             "seed": self.seed,
             "count": self.count,
             "notes": list(self.notes),
+            # only image-to-image rows carry these: text rows stay as they were
+            **({"strength": self.strength, "source": self.source} if self.source is not None else {}),
         }
 
     @classmethod
@@ -126,26 +175,35 @@ class DrawRequest:
             seed=None if data.get("seed") is None else int(data["seed"]),
             count=int(data.get("count", 1)),
             notes=tuple(data.get("notes", ())),
+            strength=None if data.get("strength") is None else float(data["strength"]),
+            source=None if data.get("source") is None else str(data["source"]),
         )
 
 
 def credit_cost(request: DrawRequest, profile: ModelProfile) -> int:
     """Credits for a request: 1 per image at the model's default size and steps, scaled up.
 
-    Proportional to pixels × steps × images and rounded up; never below 1 per image
+    Proportional to pixels × steps run × images and rounded up (from a picture only
+    ``strength × steps`` run, rounded the model's way); never below 1 per image
     (a smaller or shorter image still costs one credit).
     """
-    scale = (request.width * request.height * request.steps) / (
+    scale = (request.width * request.height * profile.steps_run(request)) / (
         profile.default_pixels * profile.default_steps
     )
     per_image = max(1, math.ceil(scale - 1e-9))
     return per_image * request.count
 
 
-def gpu_cost(request: DrawRequest, seconds_per_mpx_step: float) -> float:
-    """Estimated GPU seconds of a request: steps × megapixels × images × speed, twice with CFG."""
+def gpu_cost(request: DrawRequest, seconds_per_mpx_step: float, profile: ModelProfile | None = None) -> float:
+    """Estimated GPU seconds of a request: steps run × megapixels × images × speed, twice with CFG.
+
+    A request from a picture needs the ``profile`` that says how many of its steps run.
+    """
+    if profile is None and request.from_picture:
+        raise ValueError("the cost of a request from a picture depends on the model: pass its profile")
+    steps = request.steps if profile is None else profile.steps_run(request)
     passes = 2.0 if request.guidance > 0 else 1.0
-    return request.steps * request.megapixels * request.count * seconds_per_mpx_step * passes
+    return steps * request.megapixels * request.count * seconds_per_mpx_step * passes
 
 
 class JobState(enum.StrEnum):
@@ -193,6 +251,19 @@ class Job:
     outputs: tuple[str, ...] = ()
     #: when True, the credits were not charged (admin or free request)
     free: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceImage:
+    """A picture a user gave, checked, decoded and kept: ``ref`` is the sha256 of the kept PNG.
+
+    ``width`` and ``height`` are after EXIF orientation; ``format`` is what was uploaded.
+    """
+
+    ref: str
+    width: int
+    height: int
+    format: str  # png | jpeg | webp
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

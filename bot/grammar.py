@@ -3,6 +3,10 @@
 One parser for Telegram, the console and Discord's free-text prompt option. Every value is
 validated against the model profile and the operator's limits; anything outside them is
 refused with one line naming the flag, the value and what is allowed. Nothing is clamped.
+
+Drawing from a picture adds ``--strength`` and the sizing rule: without ``--size`` or
+``--ar`` the output keeps the picture's aspect ratio at about the model's default pixel
+count (the picture is then resized and centre-cropped to that size by the worker).
 """
 
 from __future__ import annotations
@@ -11,16 +15,22 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from bot.domain import DrawRequest, ModelProfile
+from bot.domain import DrawRequest, ModelProfile, SourceImage
 from bot.errors import RequestError
 
 if TYPE_CHECKING:
     from bot.config import Settings
 
 MAX_SEED = 2**32 - 1
+#: ``--strength``: how far from the picture to go (1 = all the way, almost a new picture)
+MIN_STRENGTH = 0.05
+MAX_STRENGTH = 1.0
+DEFAULT_STRENGTH = 0.6
+#: the widest shape drawn, for ``--ar`` and for a picture's own shape
+MAX_RATIO = 4
 
 #: flag aliases → canonical name
 FLAGS: Mapping[str, str] = {
@@ -35,6 +45,7 @@ FLAGS: Mapping[str, str] = {
     "cfg": "cfg",
     "guidance": "cfg",
     "size": "size",
+    "strength": "strength",
 }
 
 # A flag starts with "--" (or the em/en dash phones substitute) after whitespace or at the start.
@@ -52,6 +63,9 @@ class Limits:
     max_pixels: int = 2 * 1024 * 1024
     max_prompt_chars: int = 1000
     default_negative_prompt: str = ""
+    #: an uploaded picture's limits: its file size and its pixels (checked before decoding)
+    max_input_bytes: int = 20 * 1024 * 1024
+    max_input_pixels: int = 50_000_000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -61,6 +75,8 @@ class Limits:
             max_pixels=settings.max_pixels,
             max_prompt_chars=settings.max_prompt_chars,
             default_negative_prompt=settings.default_negative_prompt,
+            max_input_bytes=settings.max_input_bytes,
+            max_input_pixels=settings.max_input_pixels,
         )
 
 
@@ -76,6 +92,7 @@ class RawOptions:
     seed: str | int | None = None
     count: str | int | None = None
     guidance: str | float | None = None
+    strength: str | float | None = None
 
 
 def split_flags(text: str) -> RawOptions:
@@ -87,7 +104,7 @@ def split_flags(text: str) -> RawOptions:
         name = parts[i]
         canonical = FLAGS.get(name.lower())
         if canonical is None:
-            known = ", ".join(f"--{f}" for f in ("ar", "size", "seed", "steps", "n", "cfg", "no"))
+            known = ", ".join(f"--{f}" for f in ("ar", "size", "seed", "steps", "n", "cfg", "no", "strength"))
             raise RequestError(f"unknown flag --{name[:30]}: known flags are {known}")
         if canonical in values:
             raise RequestError(f"--{canonical} is given twice")
@@ -101,6 +118,7 @@ def split_flags(text: str) -> RawOptions:
         seed=values.get("seed"),
         count=values.get("n"),
         guidance=values.get("cfg"),
+        strength=values.get("strength"),
     )
 
 
@@ -172,8 +190,18 @@ def _check_size(
         )
 
 
-def resolve_size(profile: ModelProfile, limits: Limits, size: str | None, ar: str | None) -> tuple[int, int]:
-    """Width and height from ``--size`` (WxH or a preset name) or ``--ar`` (W:H), else the default."""
+def resolve_size(
+    profile: ModelProfile,
+    limits: Limits,
+    size: str | None,
+    ar: str | None,
+    source: SourceImage | None = None,
+) -> tuple[int, int]:
+    """Width and height from ``--size`` (WxH or a preset name) or ``--ar`` (W:H), else the default.
+
+    With a ``source`` picture and neither flag: the picture's own shape at about the model's
+    default pixel count, in the multiples the model needs.
+    """
     if size is not None and ar is not None:
         raise RequestError("use either --size or --ar, not both")
     if size is not None:
@@ -197,16 +225,37 @@ def resolve_size(profile: ModelProfile, limits: Limits, size: str | None, ar: st
                 f"--ar {_show(ar) or '(empty)'} is not an aspect ratio: use W:H with whole numbers, like 16:9"
             )
         rw, rh = int(match.group(1)), int(match.group(2))
-        if max(rw / rh, rh / rw) > 4:
-            raise RequestError(f"--ar {rw}:{rh} is too extreme: allowed from 1:4 to 4:1")
+        if max(rw / rh, rh / rw) > MAX_RATIO:
+            raise RequestError(f"--ar {rw}:{rh} is too extreme: allowed from 1:{MAX_RATIO} to {MAX_RATIO}:1")
         width, height = profile.size_for_ratio(rw, rh)
         _check_size("ar", f"{rw}:{rh}", width, height, profile, limits)
+        return width, height
+    if source is not None:
+        sw, sh = source.width, source.height
+        if max(sw / sh, sh / sw) > MAX_RATIO:
+            raise RequestError(
+                f"the picture is {sw}x{sh}, wider than {MAX_RATIO}:1 or 1:{MAX_RATIO}: "
+                "choose a shape with --ar or --size (the picture is centre-cropped to it)"
+            )
+        width, height = profile.size_for_ratio(sw, sh)
+        try:
+            _check_size("ar", f"{sw}:{sh}", width, height, profile, limits)
+        except RequestError:
+            raise RequestError(
+                f"the picture's shape ({sw}x{sh}) gives {width}x{height}, outside this model's sizes: "
+                "choose one with --ar or --size"
+            ) from None
         return width, height
     return profile.default_width, profile.default_height
 
 
-def build_request(options: RawOptions, profile: ModelProfile, limits: Limits) -> DrawRequest:
-    """Validate raw options against the model and the limits; the one place requests are made."""
+def build_request(
+    options: RawOptions, profile: ModelProfile, limits: Limits, source: SourceImage | None = None
+) -> DrawRequest:
+    """Validate raw options against the model and the limits; the one place requests are made.
+
+    ``source`` is the kept picture of an image-to-image request (``--strength`` needs one).
+    """
     prompt = _clean_text(options.prompt)
     if not prompt:
         raise RequestError("the prompt is empty: try /draw a red fox in snow")
@@ -220,10 +269,11 @@ def build_request(options: RawOptions, profile: ModelProfile, limits: Limits) ->
         raise RequestError("--no needs text after it, like --no blurry, text")
     if len(negative) > limits.max_prompt_chars:
         raise RequestError(f"--no has {len(negative):,} characters; the limit is {limits.max_prompt_chars:,}")
-    width, height = resolve_size(profile, limits, options.size, options.ar)
+    width, height = resolve_size(profile, limits, options.size, options.ar, source)
     steps = (
         profile.default_steps if options.steps is None else _int("steps", options.steps, 1, limits.max_steps)
     )
+    strength = _strength(options.strength, steps, profile, source)
     count = 1 if options.count is None else _int("n", options.count, 1, limits.max_images)
     seed = None if options.seed is None else _int("seed", options.seed, 0, MAX_SEED)
     guidance = (
@@ -249,7 +299,47 @@ def build_request(options: RawOptions, profile: ModelProfile, limits: Limits) ->
         seed=seed,
         count=count,
         notes=tuple(notes),
+        strength=strength,
+        source=None if source is None else source.ref,
     )
+
+
+def check_strength(value: str | float, steps: int, profile: ModelProfile) -> float:
+    """A valid ``--strength`` for ``steps`` on ``profile``: in range, and running at least one step."""
+    if profile.img2img is None:
+        raise RequestError(f"the model {profile.name} cannot draw from a picture; send /draw without one")
+    strength = _float("strength", value, MIN_STRENGTH, MAX_STRENGTH)
+    if profile.img2img.steps_run(steps, strength) < 1:
+        # SD and SDXL round strength × steps down: 0.1 × 8 would run no step at all
+        least = math.ceil(100 / steps) / 100
+        raise RequestError(
+            f"--strength {strength:g} with {steps} steps runs no denoising step on this model: "
+            f"use --strength {least:g} or more, or more --steps"
+        )
+    return strength
+
+
+def precheck_picture_request(options: RawOptions, profile: ModelProfile, limits: Limits) -> None:
+    """Check all of a request from a picture that does not need the picture, before it is decoded.
+
+    The model must draw from pictures; the prompt and flags must be valid; so must
+    ``--strength`` for the steps asked for. Only the sizing from the picture's shape is left.
+    """
+    if profile.img2img is None:
+        raise RequestError(f"the model {profile.name} cannot draw from a picture; send /draw without one")
+    request = build_request(replace(options, strength=None), profile, limits)
+    if options.strength is not None:
+        check_strength(options.strength, request.steps, profile)
+
+
+def _strength(
+    value: str | float | None, steps: int, profile: ModelProfile, source: SourceImage | None
+) -> float | None:
+    if source is None:
+        if value is not None:
+            raise RequestError("--strength is for drawing from a picture: attach one or reply to one")
+        return None
+    return check_strength(DEFAULT_STRENGTH if value is None else value, steps, profile)
 
 
 def parse_draw(text: str, profile: ModelProfile, limits: Limits) -> DrawRequest:

@@ -21,6 +21,7 @@ HELP = """brushbot draws pictures on the operator's GPU.
   --n 2             number of images
   --no blurry, text negative prompt (needs --cfg above 0 on Z-Image)
   --cfg 1.5         guidance scale (above 0 doubles the GPU time)
+  --strength 0.6    with a picture: how far from it to go (0.05 close to it … 1 almost new)
 /credits  your credits    /jobs  your jobs    /queue  who is waiting    /cancel <job>  cancel a job
 Credits: 1 credit = one image at the default size and steps; bigger or longer images cost more."""
 
@@ -48,6 +49,8 @@ def settings_line(job: Job) -> str:
     r = job.request
     seeds = ", ".join(str(s) for s in job.seeds)
     line = f"{r.width}x{r.height} · {r.steps} steps · cfg {r.guidance:g} · seed {seeds} · {job.model}"
+    if r.strength is not None:  # drawn from a picture
+        line += f" · strength {r.strength:g}"
     return line
 
 

@@ -2,6 +2,7 @@
 
 * ``Generator``  — a GPU worker (``generation.Worker`` locally; later a pool member).
 * ``ImageSink``  — saving finished images and fitting them to an upload limit (``generation``).
+* ``SourceKeeper`` — decoding and keeping the pictures users draw from (``generation``).
 * ``Store``      — users, the credits ledger and the job store (``data.SqliteStore``).
 * ``Transport``  — an adapter's outgoing side: sends, edits, uploads within its lanes' budgets.
 """
@@ -23,6 +24,7 @@ from bot.domain import (
     LedgerEntry,
     ModelProfile,
     SavedImage,
+    SourceImage,
     UploadFile,
     UserRecord,
     UserRef,
@@ -73,6 +75,18 @@ class ImageSink(Protocol):
     def save(self, job: Job, rendered: Rendered) -> list[SavedImage]: ...
 
     def fit(self, path: str, limit_bytes: int) -> UploadFile: ...
+
+
+class SourceKeeper(Protocol):
+    """Decodes a user's picture and keeps it, content-addressed, for the worker to start from.
+
+    Blocking (decoding and PNG encoding): the core runs it off the event loop. ``keep``
+    raises ``RequestError`` (one line) for a picture it refuses: not PNG, JPEG or WebP, more
+    than ``max_pixels`` pixels in its header (refused before decoding), or unreadable. A
+    picture larger than ``keep_pixels`` is kept scaled down to that (no output needs more).
+    """
+
+    def keep(self, data: bytes, *, max_pixels: int, keep_pixels: int) -> SourceImage: ...
 
 
 class LaneKind(enum.StrEnum):

@@ -33,6 +33,7 @@ from bot.domain import (
     QueueEntry,
     QueueView,
     SavedImage,
+    SourceImage,
     Ticket,
     UploadFile,
     UserRecord,
@@ -53,8 +54,18 @@ from bot.errors import (
     UnreachableError,
 )
 from bot.fairqueue import FairQueue
-from bot.grammar import Limits, RawOptions, build_request, find_blocked, parse_draw
-from bot.ports import CreditPolicy, Generator, ImageSink, Rendered, Store, Transport
+from bot.grammar import (
+    Limits,
+    RawOptions,
+    build_request,
+    check_strength,
+    find_blocked,
+    parse_draw,
+    precheck_picture_request,
+    split_flags,
+)
+from bot.inputs import check_picture, check_size
+from bot.ports import CreditPolicy, Generator, ImageSink, Rendered, SourceKeeper, Store, Transport
 from bot.status import StatusEngine
 
 _log = logging.getLogger(__name__)
@@ -86,6 +97,7 @@ class Service:
         clock: Callable[[], float] = time.time,
         rand32: Callable[[], int] = lambda: secrets.randbits(32),
         delivery_backoff: Sequence[float] = DELIVERY_BACKOFF,
+        sources: SourceKeeper | None = None,
     ) -> None:
         if not workers:
             raise ValueError("at least one worker is needed")
@@ -94,6 +106,7 @@ class Service:
         self.profile: ModelProfile = workers[0].profile
         self.limits = Limits.from_settings(settings)
         self._sink = sink
+        self._sources = sources  # None: drawing from pictures is off
         self._clock = clock
         self._rand32 = rand32
         self._backoff = tuple(delivery_backoff)
@@ -207,7 +220,7 @@ class Service:
         return build_request(options, self.profile, self.limits)
 
     def estimate(self, request: DrawRequest) -> float:
-        return gpu_cost(request, self._speed)
+        return gpu_cost(request, self._speed, self.profile)
 
     def cost(self, request: DrawRequest) -> int:
         """Credits a request costs (shown before it runs)."""
@@ -301,6 +314,82 @@ class Service:
         return await self.submit(
             actor, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
         )
+
+    # ------------------------------------------------------------------ pictures (image-to-image)
+
+    def check_picture_size(self, size_bytes: int) -> None:
+        """Refuse a picture by the size its platform declares, before downloading it (``MAX_INPUT_BYTES``)."""
+        check_size(size_bytes, self.limits.max_input_bytes)
+
+    async def keep_picture(self, data: bytes) -> SourceImage:
+        """Check a user's picture (size, format by its bytes, pixels before decoding) and keep it.
+
+        Every refusal is one ``RequestError`` line; nothing is charged.
+        """
+        if self._sources is None:
+            raise RequestError("drawing from a picture is not enabled here")
+        check_picture(data, self.limits.max_input_bytes)
+        keeper, limits = self._sources, self.limits
+        # decoding is blocking work: never on the event loop. Twice the largest output is kept,
+        # enough for any crop to the output's shape; a 12 MP photo kept whole took 6 s to encode.
+        return await asyncio.to_thread(
+            keeper.keep, data, max_pixels=limits.max_input_pixels, keep_pixels=2 * limits.max_pixels
+        )
+
+    async def submit_picture(
+        self,
+        user: UserRef,
+        text: str | RawOptions,
+        picture: bytes,
+        *,
+        delivery: dict[str, Any],
+        user_name: str = "",
+        nsfw_allowed: bool = True,
+    ) -> Ticket:
+        """Draw from a picture: ``text`` is what follows ``/draw`` (or a platform form's options).
+
+        The words are checked first, then the picture is checked and kept, then the job is
+        submitted like any other (the job row holds the kept picture's reference).
+        """
+        options = split_flags(text) if isinstance(text, str) else text
+        precheck_picture_request(options, self.profile, self.limits)
+        source = await self.keep_picture(picture)
+        request = build_request(options, self.profile, self.limits, source)
+        return await self.submit(
+            user, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
+        )
+
+    async def vary(
+        self,
+        actor: UserRef,
+        job_id: str,
+        strength: float,
+        *,
+        delivery: dict[str, Any],
+        user_name: str = "",
+        nsfw_allowed: bool = True,
+    ) -> Ticket:
+        """A variation of a finished job's first image: its prompt and size, a new seed, one image.
+
+        ``strength`` is ``VARY_SUBTLE`` or ``VARY_STRONG`` from the Vary buttons; charged to ``actor``.
+        """
+        job = await self.job(job_id)
+        strength = check_strength(strength, job.request.steps, self.profile)
+        source = await self.keep_picture(await self.result_picture(job.id))
+        request = replace(job.request, seed=None, count=1, notes=(), strength=strength, source=source.ref)
+        return await self.submit(
+            actor, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
+        )
+
+    async def result_picture(self, job_id: str) -> bytes:
+        """The PNG bytes of a job's first image, to draw from (``/draw`` as a reply to a result)."""
+        job = await self.job(job_id)
+        if not job.outputs:
+            raise RequestError(f"job {job.id} has no picture to vary yet ({job.state.value})")
+        try:
+            return await asyncio.to_thread(_read_bytes, job.outputs[0])
+        except FileNotFoundError:
+            raise RequestError(f"the picture of job {job.id} is no longer on disk") from None
 
     # ------------------------------------------------------------------ looking
 
@@ -465,7 +554,7 @@ class Service:
         return messages.caption(job, messages.job_seconds(job, self._clock()))
 
     def _learn_speed(self, job: Job, rendered: Rendered) -> None:
-        work = gpu_cost(job.request, 1.0)  # megapixel-steps, doubled with CFG
+        work = gpu_cost(job.request, 1.0, self.profile)  # megapixel-steps run, doubled with CFG
         if work > 0 and rendered.seconds > 0:
             self._speed = 0.7 * self._speed + 0.3 * (rendered.seconds / work)
 
@@ -648,6 +737,11 @@ class Service:
 def _told(job_id: str, future: asyncio.Future[None]) -> None:
     if not future.cancelled() and future.exception() is not None:
         _log.warning("job %s: could not tell the chat it ended: %s", job_id, future.exception())
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def _saved_outputs(job: Job) -> list[SavedImage] | None:

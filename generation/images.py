@@ -38,7 +38,11 @@ _NEGATIVE = "Negative prompt: "
 def format_parameters(
     request: DrawRequest, *, seed: int, width: int, height: int, model: str, sampler: str
 ) -> str:
-    """The A1111 ``parameters`` text: prompt, negative prompt line, then one settings line."""
+    """The A1111 ``parameters`` text: prompt, negative prompt line, then one settings line.
+
+    A request from a picture adds A1111's ``Denoising strength`` and ``Source hash`` (the
+    first 10 hex digits of the kept picture's sha256, as A1111 shortens its model hash).
+    """
     pairs = {
         "Steps": str(request.steps),
         "Sampler": sampler,
@@ -47,6 +51,9 @@ def format_parameters(
         "Size": f"{width}x{height}",
         "Model": model,
     }
+    if request.strength is not None and request.source is not None:
+        pairs["Denoising strength"] = f"{request.strength:g}"
+        pairs["Source hash"] = request.source[:10]
     settings = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items())
     lines = [request.prompt]
     if request.negative_prompt:
@@ -190,6 +197,8 @@ class ImageStore:
             "model": self.model_name,
             "sampler": self.sampler,
             "job_id": job.id,
+            # image-to-image: the strength and the full sha256 of the picture it started from
+            **({"strength": request.strength, "source": request.source} if request.source else {}),
         }
 
     def fit(self, path: str, limit_bytes: int) -> UploadFile:

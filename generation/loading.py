@@ -15,13 +15,14 @@ from bot.errors import ConfigError, first_line
 from generation.presets import (
     PRESETS,
     TINY,
+    TINY_PRESETS,
     cached_snapshot,
     is_local,
     preferred_dtype,
     repo_for,
     resolve_profile,
 )
-from generation.tiny import MARKER_FILE, build_tiny_pipeline
+from generation.tiny import MARKER_FILE, TINY_BUILDERS, marker_preset
 
 _log = logging.getLogger(__name__)
 
@@ -183,18 +184,19 @@ def torch_dtype(dtype: DType) -> Any:
     return table[dtype]
 
 
-def ensure_tiny(folder: Path) -> Path:
-    """The tiny pipeline's folder, built on first use and reused after that."""
+def ensure_tiny(folder: Path, preset: str = TINY) -> Path:
+    """A tiny pipeline's folder (``tiny``, ``tiny-sd`` or ``tiny-sdxl``), built on first use, then reused."""
     if (folder / "model_index.json").is_file() and (folder / MARKER_FILE).is_file():
-        return folder
-    return build_tiny_pipeline(folder)
+        if marker_preset(folder) == preset:
+            return folder
+    return TINY_BUILDERS[preset](folder)
 
 
 def _source(settings: Settings) -> tuple[str, dict[str, Any]]:
     """What to pass to from_pretrained, and the extra keyword arguments it needs."""
     model = settings.model
-    if model == TINY:
-        return str(ensure_tiny(settings.model_cache_dir / TINY)), {}
+    if model in TINY_PRESETS:
+        return str(ensure_tiny(settings.model_cache_dir / model, model)), {}
     return repo_for(model), {} if is_local(model) else {"cache_dir": str(settings.model_cache_dir)}
 
 
@@ -256,7 +258,7 @@ def doctor_report(settings: Settings) -> list[str]:
         f"{profile.default_steps} steps, cfg {profile.default_guidance:g})"
     )
     # resolve_profile has already refused anything that is no preset, existing folder or repo id
-    if model == TINY:
+    if model in TINY_PRESETS:
         reachable = "built on first use (random weights: it draws noise)"
     elif is_local(model):
         reachable = "local folder found"

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.config import DType
-from bot.domain import ModelProfile
+from bot.domain import ModelProfile, StepRounding
 from bot.errors import ConfigError
-from generation.tiny import MARKER_FILE
+from generation.tiny import TINY_BUILDERS, marker_preset
 
 _log = logging.getLogger(__name__)
 
 TINY = "tiny"
+#: the presets built locally rather than downloaded (``tiny`` is Z-Image; SD and SDXL for tests)
+TINY_PRESETS = frozenset(TINY_BUILDERS)
 
 #: named shapes offered to users, as width:height ratios
 RATIOS: Mapping[str, tuple[int, int]] = {
@@ -56,6 +58,8 @@ class Preset:
     min_side: int = 64
     max_side: int = 2048
     seconds_per_mpx_step: float = 0.25
+    #: how the family's image-to-image pipeline rounds strength × steps; None = it has none
+    img2img: StepRounding | None = None
 
 
 _GB = 1_000_000_000
@@ -74,6 +78,7 @@ PRESETS: Mapping[str, Preset] = {
         weights_bytes=int(20.5 * _GB),
         # about 2.5 s for 8 steps at 1024² on a 24 GB consumer card
         seconds_per_mpx_step=0.3,
+        img2img=StepRounding.UP,
     ),
     "sdxl-turbo": Preset(
         name="sdxl-turbo",
@@ -88,6 +93,7 @@ PRESETS: Mapping[str, Preset] = {
         dtype=DType.BFLOAT16,
         weights_bytes=int(7.0 * _GB),
         seconds_per_mpx_step=0.08,
+        img2img=StepRounding.DOWN,
     ),
     "sdxl": Preset(
         name="sdxl",
@@ -101,6 +107,7 @@ PRESETS: Mapping[str, Preset] = {
         dtype=DType.BFLOAT16,
         weights_bytes=int(7.0 * _GB),
         seconds_per_mpx_step=0.08,
+        img2img=StepRounding.DOWN,
     ),
     TINY: Preset(
         name=TINY,
@@ -117,6 +124,40 @@ PRESETS: Mapping[str, Preset] = {
         max_side=512,
         # tens of milliseconds for 8 steps at 64² on a CPU
         seconds_per_mpx_step=1.5,
+        img2img=StepRounding.UP,
+    ),
+    # Stable Diffusion and SDXL with random weights, for the image-to-image tests: they draw noise
+    "tiny-sd": Preset(
+        name="tiny-sd",
+        repo=None,
+        family="sd",
+        width=64,
+        height=64,
+        steps=8,
+        guidance=0.0,
+        size_multiple=8,
+        dtype=DType.BFLOAT16,
+        weights_bytes=1_000_000,
+        min_side=16,
+        max_side=512,
+        seconds_per_mpx_step=1.5,
+        img2img=StepRounding.DOWN,
+    ),
+    "tiny-sdxl": Preset(
+        name="tiny-sdxl",
+        repo=None,
+        family="sdxl",
+        width=64,
+        height=64,
+        steps=8,
+        guidance=0.0,
+        size_multiple=8,
+        dtype=DType.BFLOAT16,
+        weights_bytes=1_000_000,
+        min_side=16,
+        max_side=512,
+        seconds_per_mpx_step=1.5,
+        img2img=StepRounding.DOWN,
     ),
 }
 
@@ -124,6 +165,20 @@ PRESETS: Mapping[str, Preset] = {
 _FAMILIES: Mapping[str, Preset] = {
     "z-image": dataclasses.replace(PRESETS["z-image-turbo"], name="", repo=None),
     "sdxl": dataclasses.replace(PRESETS["sdxl"], name="", repo=None),
+    "sd": Preset(
+        name="",
+        repo=None,
+        family="sd",
+        width=512,
+        height=512,
+        steps=25,
+        guidance=7.0,
+        size_multiple=8,
+        dtype=DType.BFLOAT16,
+        weights_bytes=0,  # unknown: measured from the files where they are local
+        seconds_per_mpx_step=0.25,
+        img2img=StepRounding.DOWN,
+    ),
     "generic": Preset(
         name="",
         repo=None,
@@ -142,6 +197,7 @@ _FAMILIES: Mapping[str, Preset] = {
 _FAMILY_OF_CLASS: Mapping[str, str] = {
     "ZImagePipeline": "z-image",
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionPipeline": "sd",
 }
 
 
@@ -201,6 +257,7 @@ def _profile(name: str, preset: Preset, steps: int) -> ModelProfile:
         max_side=preset.max_side,
         negative_needs_guidance=True,
         seconds_per_mpx_step=preset.seconds_per_mpx_step,
+        img2img=preset.img2img,
     )
     return dataclasses.replace(profile, sizes=named_sizes(profile))
 
@@ -293,8 +350,9 @@ def preset_for(model: str, *, cache_dir: Path | None = None) -> Preset:
     if is_local(model):
         folder = Path(model).expanduser()
         index = _read_model_index(folder)
-        if (folder / MARKER_FILE).is_file():
-            return PRESETS[TINY]
+        tiny = marker_preset(folder)
+        if tiny is not None:
+            return PRESETS[tiny]
         name = folder.resolve().name
     elif _REPO_ID.match(model):
         index = _cached_model_index(model, cache_dir) or {}

@@ -1,4 +1,9 @@
-"""A tiny, randomly initialised Z-Image pipeline for offline tests and demos (``MODEL=tiny``)."""
+"""Tiny, randomly initialised pipelines for offline tests and demos (``MODEL=tiny``, ``tiny-sd``, ``tiny-sdxl``).
+
+``tiny`` is Z-Image; ``tiny-sd`` and ``tiny-sdxl`` are Stable Diffusion and SDXL with a few
+thousand weights, built like diffusers' own ``get_dummy_components()`` but entirely in memory
+(the CLIP tokenizer too), so nothing is downloaded.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -171,16 +176,181 @@ def build_tiny_pipeline(out_dir: str | Path) -> Path:
         transformer=transformer,
     )
 
+    _save(pipe, out, "tiny")
+    _log.info("built the tiny pipeline in %s (%.2f s)", out, time.perf_counter() - started)
+    return out
+
+
+def _save(pipe: Any, out: Path, preset: str) -> None:
+    """Save ``pipe`` at ``out`` with the marker naming its preset; whole or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
-        (staging / MARKER_FILE).write_text(json.dumps({"preset": "tiny", "version": 1}) + "\n")
+        (staging / MARKER_FILE).write_text(json.dumps({"preset": preset, "version": 1}) + "\n")
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _log.info("built the tiny pipeline in %s (%.2f s)", out, time.perf_counter() - started)
+
+
+def marker_preset(folder: Path) -> str | None:
+    """The preset a saved tiny build is (``tiny``, ``tiny-sd``, ``tiny-sdxl``), or None if it is none."""
+    try:
+        data = json.loads((folder / MARKER_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return "tiny"  # an unreadable marker: the first builds wrote only Z-Image ones
+    preset = data.get("preset") if isinstance(data, dict) else None
+    return preset if isinstance(preset, str) and preset in TINY_BUILDERS else "tiny"
+
+
+# ---- Stable Diffusion and SDXL ----------------------------------------------------------------
+
+_CLIP_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+#: ``CLIPTextConfig`` of the tiny text encoders, less the vocabulary and token ids
+CLIP_CONFIG: Mapping[str, Any] = MappingProxyType(
+    {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "projection_dim": 16,
+        "max_position_embeddings": 77,
+    }
+)
+#: the SD VAE: four blocks (an 8x downscale, like the real one) with 4 latent channels
+SD_VAE_CONFIG: Mapping[str, Any] = MappingProxyType(
+    {
+        **{k: v for k, v in VAE_CONFIG.items() if k not in ("scaling_factor", "shift_factor")},
+        "latent_channels": 4,
+        "use_quant_conv": True,
+        "use_post_quant_conv": True,
+    }
+)
+_UNET_BASE: Mapping[str, Any] = MappingProxyType(
+    {
+        "block_out_channels": (16, 32),
+        "layers_per_block": 1,
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+    }
+)
+#: SD's UNet: cross-attention on the one text encoder's hidden states
+SD_UNET_CONFIG: Mapping[str, Any] = MappingProxyType(
+    {**_UNET_BASE, "cross_attention_dim": 16, "attention_head_dim": 4}
+)
+#: SDXL's UNet: both encoders' hidden states (16 + 16), and the pooled text and size embedding
+SDXL_UNET_CONFIG: Mapping[str, Any] = MappingProxyType(
+    {
+        **_UNET_BASE,
+        "cross_attention_dim": 32,
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "transformer_layers_per_block": (1, 1),
+        # 6 size/crop numbers x 8 + the pooled projection of the second encoder (16)
+        "projection_class_embeddings_input_dim": 6 * 8 + 16,
+    }
+)
+
+
+def build_clip_tokenizer() -> Any:
+    """A byte-level ``CLIPTokenizer`` built in memory: every byte and byte + ``</w>``, no merges."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for ch in _byte_level_alphabet():
+            vocab[ch + suffix] = len(vocab)
+    for token in _CLIP_SPECIAL:
+        vocab[token] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _sd_pipeline(xl: bool) -> Any:
+    """A tiny SD or SDXL pipeline with weights from fixed seeds; the torch RNG state is left as it was."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_clip_tokenizer()
+    start, end = (tokenizer.convert_tokens_to_ids(t) for t in _CLIP_SPECIAL)
+    config = CLIPTextConfig(
+        **copy.deepcopy(dict(CLIP_CONFIG)),
+        vocab_size=len(tokenizer),
+        bos_token_id=start,
+        eos_token_id=end,
+        pad_token_id=end,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text_encoder: Any = CLIPTextModel(config)
+        torch.manual_seed(1)
+        unet: Any = UNet2DConditionModel(**copy.deepcopy(dict(SDXL_UNET_CONFIG if xl else SD_UNET_CONFIG)))
+        torch.manual_seed(2)
+        vae: Any = AutoencoderKL(**copy.deepcopy(dict(SD_VAE_CONFIG)))
+        if not xl:
+            return StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        torch.manual_seed(3)
+        text_encoder_2: Any = CLIPTextModelWithProjection(config)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def build_tiny_sd_pipeline(out_dir: str | Path) -> Path:
+    """Build the tiny Stable Diffusion pipeline (``tiny-sd``) and save it at ``out_dir``."""
+    out = Path(out_dir)
+    _save(_sd_pipeline(xl=False), out, "tiny-sd")
     return out
+
+
+def build_tiny_sdxl_pipeline(out_dir: str | Path) -> Path:
+    """Build the tiny SDXL pipeline (``tiny-sdxl``) and save it at ``out_dir``."""
+    out = Path(out_dir)
+    _save(_sd_pipeline(xl=True), out, "tiny-sdxl")
+    return out
+
+
+#: the builder of each tiny preset
+TINY_BUILDERS: Mapping[str, Callable[[str | Path], Path]] = MappingProxyType(
+    {
+        "tiny": build_tiny_pipeline,
+        "tiny-sd": build_tiny_sd_pipeline,
+        "tiny-sdxl": build_tiny_sdxl_pipeline,
+    }
+)

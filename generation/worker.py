@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -21,6 +21,7 @@ from bot.errors import BotError, CancelledError, GenerationError, OutOfMemoryErr
 from bot.ports import Rendered, StepCallback
 from generation.loading import LoadPlan, load_pipeline
 from generation.presets import resolve_profile
+from generation.sources import SourceStore, img2img_arguments, open_source
 
 _log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ PipelineFactory = Callable[[Settings], tuple[Any, ModelProfile, LoadPlan]]
 _OOM_MESSAGE = "The GPU ran out of memory for this image; try a smaller size or fewer images."
 _STOPPED_MESSAGE = "The image generator is shutting down; try again later."
 _FAILED_MESSAGE = "The image generator failed on this request."
+_NO_IMG2IMG_MESSAGE = "This model cannot draw from a picture."
 
 
 class _Interrupted(Exception):
@@ -44,6 +46,8 @@ class _Job:
     cancel: threading.Event
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Rendered]
+    #: image-to-image arguments (the fitted picture, the strength), prepared off the GPU thread
+    extra: dict[str, Any] | None = None
     #: set when the awaiting coroutine went away: stop the work, nobody wants it
     abandoned: threading.Event = field(default_factory=threading.Event)
 
@@ -77,12 +81,18 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def call_pipeline(
-    pipe: Any, request: DrawRequest, seeds: tuple[int, ...], callback: Any | None = None
+    pipe: Any,
+    request: DrawRequest,
+    seeds: tuple[int, ...],
+    callback: Any | None = None,
+    *,
+    extra: Mapping[str, Any] | None = None,
 ) -> list[Any]:
     """Draw ``request`` with ``pipe`` (one CPU generator per seed); the PIL images, one per seed.
 
     The one place a pipeline is called: the worker and the benchmarks' raw baseline both use it.
-    ``callback`` is diffusers' ``callback_on_step_end``.
+    ``callback`` is diffusers' ``callback_on_step_end``; ``extra`` holds further pipeline
+    arguments (``img2img_arguments`` for a request from a picture, with ``image_pipeline(pipe)``).
     """
     import torch
 
@@ -93,6 +103,8 @@ def call_pipeline(
         kwargs["negative_prompt"] = request.negative_prompt
     if callback is not None:
         kwargs["callback_on_step_end"] = callback
+    if extra:
+        kwargs.update(extra)
     output = pipe(
         prompt=request.prompt,
         height=request.height,
@@ -105,6 +117,24 @@ def call_pipeline(
         **kwargs,
     )
     return list(output.images)
+
+
+def image_pipeline(pipe: Any) -> Any:
+    """The image-to-image pipeline sharing ``pipe``'s loaded weights (no extra GPU memory).
+
+    ``AutoPipelineForImage2Image.from_pipe`` picks ``ZImageImg2ImgPipeline``, or the SD or
+    SDXL one. Raises ``GenerationError`` for a pipeline that has no image-to-image sibling.
+    """
+    from diffusers import AutoPipelineForImage2Image
+
+    try:
+        image_pipe = AutoPipelineForImage2Image.from_pipe(pipe)
+    except ValueError as exc:
+        _log.warning("no image-to-image pipeline for %s: %s", type(pipe).__name__, first_line(exc))
+        raise GenerationError(_NO_IMG2IMG_MESSAGE) from None
+    image_pipe.set_progress_bar_config(disable=True)
+    _log.info("image-to-image pipeline ready: %s", type(image_pipe).__name__)
+    return image_pipe
 
 
 class Worker:
@@ -133,6 +163,9 @@ class Worker:
         self._factory: PipelineFactory = pipeline_factory or functools.partial(
             load_pipeline, profile=self.profile
         )
+        self._sources = SourceStore(settings.output_dir)
+        #: the image-to-image pipeline, made from the warm one on first use (worker thread only)
+        self._image_pipe: Any = None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
@@ -207,6 +240,8 @@ class Worker:
         if not self.running:
             raise GenerationError(_STOPPED_MESSAGE)
         loop = asyncio.get_running_loop()
+        # the picture is decoded and fitted on a helper thread: the GPU thread only draws
+        extra = None if request.source is None else await asyncio.to_thread(self._source_arguments, request)
         job = _Job(
             request=request,
             seeds=seeds,
@@ -214,6 +249,7 @@ class Worker:
             cancel=cancel,
             loop=loop,
             future=loop.create_future(),
+            extra=extra,
         )
         self._jobs.put(job)
         try:
@@ -250,6 +286,7 @@ class Worker:
             self._serve(pipe)
         finally:
             del pipe
+            self._image_pipe = None
             self._free_memory()
             self._fail_pending()
             _post(loop, _resolve, stopped, None, None)
@@ -307,7 +344,8 @@ class Worker:
             return {}
 
         try:
-            images = call_pipeline(pipe, job.request, job.seeds, on_step_end)
+            target = pipe if job.extra is None else self._image_pipeline(pipe)
+            images = call_pipeline(target, job.request, job.seeds, on_step_end, extra=job.extra)
             seconds = time.perf_counter() - started
             result = Rendered(images=images, seeds=job.seeds, seconds=seconds, timings={"total": seconds})
         except _Interrupted:
@@ -315,6 +353,8 @@ class Worker:
             error = (
                 GenerationError(_STOPPED_MESSAGE) if self._closing.is_set() else CancelledError("Cancelled.")
             )
+        except BotError as exc:  # a clear reason already (no image-to-image pipeline for this model)
+            error = exc
         except Exception as exc:
             if _is_oom(exc):
                 _log.warning(
@@ -333,6 +373,17 @@ class Worker:
         elif error is not None:
             self._recover(pipe)
         _post(job.loop, _resolve, job.future, result, error)
+
+    def _source_arguments(self, request: DrawRequest) -> dict[str, Any]:
+        """The image-to-image arguments of ``request``, from its kept picture (blocking: a PNG decode)."""
+        assert request.source is not None
+        return img2img_arguments(request, open_source(self._sources.path(request.source)))
+
+    def _image_pipeline(self, pipe: Any) -> Any:
+        """The image-to-image pipeline, made from the warm one on first use (worker thread only)."""
+        if self._image_pipe is None:
+            self._image_pipe = image_pipeline(pipe)
+        return self._image_pipe
 
     def _free_hooks(self, pipe: Any) -> None:
         """Put back the offload hooks an aborted run left mid-way (diffusers does it at a run's end)."""

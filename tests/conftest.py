@@ -71,6 +71,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Stable Diffusion pipeline (``tiny-sd``), built once per test session."""
+    from generation.tiny import build_tiny_sd_pipeline
+
+    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL pipeline (``tiny-sdxl``), built once per test session."""
+    from generation.tiny import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
 @pytest.fixture
 def tiny_settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
     """Settings for the tiny model on the CPU, every path under ``tmp_path``, no warm-up."""

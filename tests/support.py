@@ -8,12 +8,14 @@ real worker on the tiny model is covered by the generation tests and the end-to-
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
+import zlib
 from dataclasses import dataclass, field
 
 from PIL import Image
 
-from bot.domain import DrawRequest, ModelProfile
+from bot.domain import DrawRequest, ModelProfile, StepRounding
 from bot.errors import CancelledError
 from bot.ports import Rendered, StepCallback
 
@@ -29,6 +31,7 @@ PROFILE = ModelProfile(
     max_side=512,
     seconds_per_mpx_step=1.0,
     sizes={"square": (64, 64), "portrait": (48, 64), "landscape": (64, 48), "wide": (64, 32)},
+    img2img=StepRounding.UP,
 )
 
 
@@ -40,6 +43,8 @@ class ScriptedGenerator:
     profile: ModelProfile = PROFILE
     hold: bool = False
     runs: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    #: every request run, in order (the image-to-image fields included)
+    requests: list[DrawRequest] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
     _release: asyncio.Event = field(default_factory=asyncio.Event)
     started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -51,8 +56,10 @@ class ScriptedGenerator:
         self, request: DrawRequest, seeds: tuple[int, ...], *, on_step: StepCallback, cancel: threading.Event
     ) -> Rendered:
         self.runs.append((request.prompt, seeds))
+        self.requests.append(request)
         self.started.set()
-        for step in range(1, request.steps + 1):
+        total = self.profile.steps_run(request)  # from a picture, only strength × steps run
+        for step in range(1, total + 1):
             if self.hold and step == 2:
                 while not self._release.is_set():
                     if cancel.is_set():
@@ -61,10 +68,25 @@ class ScriptedGenerator:
                 self._release.clear()
             if cancel.is_set():
                 raise CancelledError("cancelled")
-            on_step(step, request.steps)
+            on_step(step, total)
             await asyncio.sleep(0)
         if self.errors:
             raise self.errors.pop(0)
         images = [Image.new("RGB", (request.width, request.height), (seed % 256, 0, 0)) for seed in seeds]
-        cost = request.steps * request.megapixels * request.count
+        cost = total * request.megapixels * request.count
         return Rendered(images=images, seeds=seeds, seconds=cost, timings={"total": cost})
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` but holds a few bytes of data: a bomb's header, cheaply."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )

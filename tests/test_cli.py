@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from bot.__main__ import draw
+from bot.config import Settings
 from generation.images import read_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,4 +100,34 @@ def test_invalid_setting_stops_with_one_line(tmp_path: Path, tiny_model_dir: Pat
     assert (
         done.stderr.strip()
         == "brushbot: invalid setting DEVICE (got 'gpu'): expected 'auto', 'cuda', 'cpu' or 'mps'"
+    )
+
+
+def test_draw_from_a_picture_repeats_exactly_and_records_the_strength(
+    tmp_path: Path, tiny_model_dir: Path, tiny_settings: Settings
+) -> None:
+    photo = tmp_path / "in.png"
+    Image.radial_gradient("L").resize((96, 64)).convert("RGB").save(photo)
+    args = ["a watercolour", "--image", str(photo), "--strength", "0.5", "--seed", "7"]
+    done = run_bot(["draw", *args, "--out", str(tmp_path / "one")], tmp_path, tiny_model_dir)
+    assert done.returncode == 0, done.stderr
+    assert "generated 1 image(s) 80x48, 4 of 8 steps" in done.stdout  # the picture's shape; 0.5 × 8
+    first = next(line.split("\t")[0] for line in done.stdout.splitlines() if line.endswith("seed 7"))
+    # the rerun: the same command in this process (a second interpreter start would double the time)
+    (second,) = asyncio.run(draw(tiny_settings, [*args, "--out", str(tmp_path / "two")]))
+    assert Image.open(first).tobytes() == Image.open(second).tobytes()
+    params = read_parameters(first)
+    kept = list((tmp_path / "one" / "sources").glob("*.png"))
+    assert len(kept) == 1 and params["prompt"] == "a watercolour" and params["denoising_strength"] == "0.5"
+    assert params["brushbot"]["source"] == kept[0].stem and params["source_hash"] == kept[0].stem[:10]
+    assert [p.name for p in (tmp_path / "two" / "sources").iterdir()] == [kept[0].name]
+
+
+def test_draw_refuses_a_gif_named_png_in_one_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    fake = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(fake, format="GIF")
+    done = run_bot(["draw", "a fox", "--image", str(fake)], tmp_path, tiny_model_dir)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "brushbot: GIF pictures are not supported: send a PNG, JPEG or WebP"
     )

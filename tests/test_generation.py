@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bot.config import Device, DType, Offload, Settings
-from bot.domain import DrawRequest, Job, UserRef
+from bot.domain import DrawRequest, Job, StepRounding, UserRef
 from bot.errors import CancelledError, ConfigError, GenerationError, OutOfMemoryError
 from bot.ports import Generator, Rendered
 from generation import presets
@@ -126,14 +126,17 @@ def test_local_folders_and_repo_ids(tmp_path: Path, tiny_model_dir: Path) -> Non
     assert (z.name, z.family, z.default_width, z.default_steps) == ("zimg", "z-image", 1024, 9)
     xl = resolve_profile(str(_pipeline_dir(tmp_path / "xl", "StableDiffusionXLPipeline")))
     assert (xl.family, xl.default_width, xl.default_steps, xl.default_guidance) == ("sdxl", 1024, 30, 5.0)
-    other = resolve_profile(str(_pipeline_dir(tmp_path / "sd", "StableDiffusionPipeline")))
+    sd = resolve_profile(str(_pipeline_dir(tmp_path / "sd", "StableDiffusionPipeline")))
+    assert (sd.family, sd.default_width, sd.default_steps, sd.default_guidance) == ("sd", 512, 25, 7.0)
+    assert sd.size_multiple == 8 and sd.img2img is StepRounding.DOWN and xl.img2img is StepRounding.DOWN
+    other = resolve_profile(str(_pipeline_dir(tmp_path / "flux", "FluxPipeline")))
     assert (other.family, other.default_width, other.default_steps, other.default_guidance) == (
         "generic",
         512,
         25,
         7.0,
     )
-    assert other.size_multiple == 8
+    assert other.size_multiple == 8 and other.img2img is None  # no image-to-image for unknown families
     assert resolve_profile(str(tiny_model_dir)) == resolve_profile(TINY)
     assert repo_for(str(tmp_path / "xl")) == str(tmp_path / "xl")
 

@@ -154,6 +154,8 @@ flag_words = st.sampled_from(
         "--no",
         "--cfg",
         "--size",
+        "--strength",
+        "0.6",
         "—seed",
         "--x",
         "--",

@@ -24,6 +24,7 @@ from bot.recording import RecordingHub, ReplyEvent
 from bot.service import Service
 from data import SqliteStore
 from generation.images import ImageStore
+from generation.sources import SourceStore
 from tests.support import ScriptedGenerator
 
 ALICE = UserRef(platform="test", id="alice")
@@ -65,6 +66,7 @@ class Harness:
             workers=[self.gen],
             sink=ImageStore(self.settings.output_dir, self.gen.profile.name),
             delivery_backoff=(0.01, 0.01, 0.01),
+            sources=SourceStore(self.settings.output_dir),
         )
         self.service.register(self.hub)
         await self.service.start()
