@@ -131,9 +131,13 @@ async def test_album_items_edits_and_reactions_count_deletes_do_not(http: aiohtt
         assert (await api("deleteMessage", chat_id=GROUP, message_id=message_id))[0] == 200
         assert (await api("sendChatAction", chat_id=GROUP, action="typing"))[0] == 200
         assert tg.counted(GROUP) == 6 and len(tg.rate_limited) == 2
-        # each group has its own window
+        # each group has its own window; a test can start one with its budget spent
         tg.group(GROUP - 1, "quiet")
         assert (await api.send(GROUP - 1))[0] == 200 and tg.counted(GROUP - 1) == 1
+        clock.now += 30.0
+        tg.use_slots(GROUP - 1, 5)
+        status, body = await api.send(GROUP - 1)
+        assert status == 429 and body["parameters"]["retry_after"] == 30  # the first message's slot
         assert [c.method for c in tg.counted_calls(GROUP)] == [
             "sendMediaGroup",
             "sendMessage",

@@ -729,6 +729,13 @@ class FakeTelegram:
             429, f"Too Many Requests: retry after {retry_after}", {"retry_after": retry_after}, limited=True
         )
 
+    def use_slots(self, chat_id: int, n: int) -> None:
+        """Take ``n`` slots of the chat's window now, as if the bot had just sent ``n`` messages.
+
+        For a test that starts in a group whose budget is already spent (nothing is recorded).
+        """
+        self._slots.setdefault(chat_id, deque()).extend([self._clock()] * n)
+
     def counted(self, chat_id: int) -> int:
         """Slots the bot's successful calls took in ``chat_id`` so far (album items each count)."""
         return sum(c.counted for c in self.calls if c.chat_id == chat_id)
