@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     group_progress_interval: float = Field(3.0, ge=0.01)
     #: how often a busy group's queue board may be edited at most
     board_interval: float = Field(5.0, ge=0.01)
+    #: a chat whose results would wait longer than this for its message budget lets other chats'
+    #: jobs use the GPU first (0: draw in fair order regardless)
+    delivery_ahead: float = Field(10.0, ge=0)
     log_level: str = "INFO"
 
     @field_validator("admin_ids", "blocked_words", "nsfw_words", mode="before")

@@ -22,8 +22,15 @@ Execute = Callable[[Generator, str], Awaitable[None]]
 class Dispatcher:
     """Feeds queued jobs to workers; ``wake()`` after every push."""
 
-    def __init__(self, queue: FairQueue, workers: Sequence[Generator], execute: Execute) -> None:
+    def __init__(
+        self,
+        queue: FairQueue,
+        workers: Sequence[Generator],
+        execute: Execute,
+        defer: Callable[[str], bool] | None = None,
+    ) -> None:
         self._queue = queue
+        self._defer = defer
         self._workers = list(workers)
         self._execute = execute
         self._wakeup = asyncio.Event()
@@ -55,7 +62,7 @@ class Dispatcher:
 
     async def _loop(self, worker: Generator) -> None:
         while True:
-            job_id = self._queue.pop()
+            job_id = self._queue.pop(self._defer)
             if job_id is None:
                 self._wakeup.clear()
                 if len(self._queue) == 0:

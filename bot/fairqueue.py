@@ -48,7 +48,7 @@ import itertools
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 _log = logging.getLogger(__name__)
@@ -151,11 +151,36 @@ class FairQueue:
         if state is not None:
             state.weight = weight
 
-    def pop(self) -> str | None:
-        """The id of the next job to run, now recorded as running; None when nothing is queued."""
-        if self._top() is None:
+    def pop(self, defer: Callable[[str], bool] | None = None, *, look: int = 16) -> str | None:
+        """The id of the next job to run, now recorded as running; None when nothing is queued.
+
+        ``defer(job_id)`` may ask to pass over a head job for now (its chat cannot take more
+        results yet): the first of the next ``look`` users' heads in fair order that is not
+        deferred runs instead. When all of them are deferred, the fair head runs anyway, so
+        the GPU never idles. A passed-over user keeps their place and start tag.
+        """
+        top = self._top()
+        if top is None:
             return None
-        start, _, user = heapq.heappop(self._heap)
+        if defer is not None and defer(self._head(self._users[top[2]]).id):
+            skipped = [heapq.heappop(self._heap)]
+            chosen = None
+            while len(skipped) < look:
+                entry = self._top()
+                if entry is None:
+                    break
+                if not defer(self._head(self._users[entry[2]]).id):
+                    chosen = heapq.heappop(self._heap)
+                    break
+                skipped.append(heapq.heappop(self._heap))
+            for entry in skipped:
+                heapq.heappush(self._heap, entry)
+            if chosen is not None:
+                return self._take(chosen)
+        return self._take(heapq.heappop(self._heap))
+
+    def _take(self, entry: tuple[float, int, str]) -> str:
+        start, _, user = entry
         state = self._users[user]
         job_id, record = state.jobs.popitem(last=False)
         del self._queued[job_id]

@@ -111,7 +111,7 @@ class Service:
         self._rand32 = rand32
         self._backoff = tuple(delivery_backoff)
         self._queue = FairQueue()
-        self._dispatcher = Dispatcher(self._queue, workers, self._execute)
+        self._dispatcher = Dispatcher(self._queue, workers, self._execute, self._defer)
         self._live: dict[str, _Live] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -163,6 +163,12 @@ class Service:
     def register(self, transport: Transport) -> None:
         """An adapter registers its transport: how its platform's messages are carried."""
         self.status.register(transport)
+
+    def _defer(self, job_id: str) -> bool:
+        """Whether a queued job should let others use the GPU first: its chat cannot take its result for a while."""
+        ahead = self.settings.delivery_ahead
+        live = self._live.get(job_id)
+        return ahead > 0 and live is not None and self.status.backlog(live.job) > ahead
 
     def _current_job(self, job_id: str) -> Job | None:
         live = self._live.get(job_id)

@@ -165,6 +165,17 @@ class StatusEngine:
             st.budget.observe(limit=limit, remaining=remaining, reset_after=reset_after, now=self._clock())
             st.wake.set()
 
+    def backlog(self, job: Job) -> float:
+        """Seconds until a new result could be sent to ``job``'s chat, behind the results waiting there."""
+        st = self._job_lane.get(job.id)
+        if st is None:
+            return 0.0
+        owed = sum(_cost_of(op) for op in (*st.ops, *st.in_flight) if op.priority is Priority.RESULT) + 1
+        budget, now = st.budget, self._clock()
+        limit = budget.limit
+        # within one burst the budget knows exactly; beyond it, results go at its average rate
+        return budget.wait(min(owed, limit), now) + max(0, owed - limit) * budget.period / limit
+
     def stats(self) -> dict[str, int]:
         """Messages sent and waiting, over all lanes."""
         return {

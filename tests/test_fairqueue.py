@@ -731,3 +731,17 @@ def test_short_predictions_skip_stale_heap_entries() -> None:
         popped.append(job)
         queue.done(job)
     assert popped == full
+
+
+def test_pop_can_pass_over_deferred_heads_without_losing_their_place() -> None:
+    q = FairQueue()
+    for user in ("a", "b", "c"):
+        q.push(f"{user}1", user, 1.0)
+        q.push(f"{user}2", user, 1.0)
+    deferred = {"a1", "a2"}
+    assert q.pop(lambda job: job in deferred) == "b1"  # a's head is passed over, b's is next in fair order
+    assert q.pop(lambda job: job in deferred) == "c1"
+    assert q.pop() == "a1"  # without deferring, a is first again: it kept its place
+    everything = {"a2", "b2", "c2"}
+    assert q.pop(lambda job: job in everything) in everything  # all deferred: the fair head runs anyway
+    assert len(q) == 2

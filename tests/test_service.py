@@ -421,3 +421,34 @@ async def test_no_progress_lands_after_the_result(h: Harness, outcome: str) -> N
     assert "progress-start" in log
     assert log.count("progress-start") == log.count("progress-end")  # every edit finished before the result
     assert log.index(outcome) > max(i for i, e in enumerate(log) if e == "progress-end")
+
+
+@pytest.mark.parametrize("ahead", [0.0, 5.0])
+async def test_a_chat_that_cannot_take_more_results_lets_other_chats_draw_first(
+    tmp_path: Path, ahead: float
+) -> None:
+    from bot.budget import SlidingWindow
+
+    h = Harness(tmp_path, delivery_ahead=ahead)
+    # the group may receive one message a minute (the first job's status takes it); BOB's chat is free
+    h.hub.budget_factory = lambda lane: SlidingWindow(1, 60.0) if lane.board else SlidingWindow(100, 1.0)
+    await h.open()
+    try:
+        h.gen.hold = True
+        group = {"chat": "g", "group": True}
+        for n in range(4):
+            user = UserRef(platform="test", id=f"member{n}")
+            await h.service.submit(user, h.service.parse(f"group {n}"), delivery=group)
+            if n == 0:
+                await h.gen.started.wait()
+        private = await h.draw(BOB, "private")
+        h.gen.hold = False
+        h.gen.release()
+        await h.until(lambda hub: private.job.id in hub.finished())
+        order = [prompt for prompt, _ in h.gen.runs]
+        if ahead:
+            assert order[:2] == ["group 0", "private"]  # the group's pictures could not be sent for a minute
+        else:
+            assert order == ["group 0", "group 1", "group 2", "group 3", "private"]  # strict fair order
+    finally:
+        await h.close()
