@@ -101,7 +101,7 @@ class ConsoleAdapter:
 
     async def run(self, *, wait_for_jobs: bool = True) -> None:
         """The read–answer loop. At end of input, waits for this user's jobs to finish."""
-        self.say("brushbot console — type /help, or /draw a red fox in snow")
+        self.say(messages.CONSOLE_GREETING)
         interactive = self._stdin.isatty()
         while True:
             if interactive:

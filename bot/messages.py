@@ -274,6 +274,32 @@ def bad_value_text(kind: str) -> str:
 # ---------------------------------------------------------------------- answers to commands and buttons
 
 START = "Hi! I draw pictures on the operator's GPU."
+CONSOLE_GREETING = "brushbot console — type /help, or /draw a red fox in snow"
+#: button labels, by action
+BUTTONS = {
+    "cancel": "✖ Cancel",
+    "reroll": "🎲 Reroll",
+    "png": "🖼 Original PNG",
+    "delete": "🗑 Delete",
+    "edit": "✏️ Edit",
+    "info": "ℹ️ Info",
+}
+#: the command menu a platform shows (name, description); admins see the admin part too
+COMMAND_MENU: tuple[tuple[str, str], ...] = (
+    ("draw", "Draw a picture: /draw a red fox in snow --ar 16:9"),
+    ("credits", "Your credits and when they refill"),
+    ("jobs", "Your queued, running and recent jobs"),
+    ("queue", "Who is waiting for the GPU"),
+    ("cancel", "Cancel a job: /cancel [job id]"),
+    ("help", "How to draw, flags and credits"),
+)
+ADMIN_MENU: tuple[tuple[str, str], ...] = (
+    ("quota", "Admin: /quota show|set|grant|reset <user> [credits]"),
+    ("ban", "Admin: /ban <user>"),
+    ("unban", "Admin: /unban <user>"),
+    ("weight", "Admin: /weight <user> <weight>"),
+    ("stats", "Admin: jobs, queue and speed"),
+)
 UNKNOWN_COMMAND = "unknown command {command}: try /help"
 PNG_SENT = "Original PNG sent"
 DELETED = "Deleted"

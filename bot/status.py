@@ -275,6 +275,20 @@ class StatusEngine:
         if st.board_shown or any(op.key == _BOARD for op in st.ops):
             self._board(st, Priority.UPDATE)
 
+    def carry(
+        self, platform: str, delivery: Mapping[str, Any], run: Callable[[], Awaitable[None]], *, cost: int = 1
+    ) -> asyncio.Future[None] | None:
+        """Send something an adapter composed (an original file on request) in line with the chat's budget.
+
+        Returns when it was sent (or raises what ``run`` raised); None when the platform is unknown.
+        """
+        st = self._lane_of(platform, delivery)
+        if st is None:
+            return None
+        done = asyncio.get_running_loop().create_future()
+        self._push(st, Priority.NOTICE, run, cost=cost, done=done)
+        return done
+
     def say(self, platform: str, delivery: Mapping[str, Any], text: str) -> bool:
         """Answer a command in its chat, in line with that chat's budget (a failure is logged).
 

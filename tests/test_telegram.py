@@ -19,6 +19,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from adapters.telegram import TelegramAdapter, Webhook, parse_callback
+from bot import messages
 from bot.config import Settings
 from bot.domain import DrawRequest, Job, JobState, UserRef
 from bot.errors import ConfigError
@@ -743,3 +744,26 @@ async def test_private_chats_are_not_slowed_by_a_busy_groups_backlog(
                 assert photo.seq < last_group_photo  # delivered while the group's results still waited
         finally:
             await h.close()
+
+
+async def test_the_same_sentence_reads_the_same_on_telegram_and_the_console(
+    h: Harness, tg: FakeTelegram
+) -> None:
+    from adapters.console import ConsoleAdapter
+
+    out = io.StringIO()
+    console = ConsoleAdapter(
+        h.service, stdin=io.StringIO(""), stdout=out, user=UserRef(platform="console", id="me")
+    )
+    chat = tg.private_chat(ALICE)
+    lines = ["/draw a fox --steps 9999", "/cancel", "/credits"]
+    for line in lines:
+        await h.say(chat, ALICE, line)
+        try:
+            await console.handle(line)
+        except Exception as err:  # the console's loop turns core errors into their line
+            console.say("⚠ " + messages.error_text(err, h.service.next_refill_text()))
+    telegram = h.replies(ALICE["id"])
+    shown = [line.removeprefix("⚠ ") for line in out.getvalue().splitlines()]
+    assert telegram[:2] == shown[:2]  # the refusal and "nothing to cancel", word for word
+    assert telegram[2].split(":")[0] == shown[2].split(":")[0]  # "You have 10 credit(s) left"

@@ -14,13 +14,7 @@ from bot import messages
 from bot.domain import UserRef
 from bot.errors import NotFoundError, RequestError
 
-ADMIN_COMMANDS: tuple[tuple[str, str], ...] = (
-    ("quota", "Admin: /quota show|set|grant|reset <user> [credits]"),
-    ("ban", "Admin: /ban <user>"),
-    ("unban", "Admin: /unban <user>"),
-    ("weight", "Admin: /weight <user> <weight>"),
-    ("stats", "Admin: jobs, queue and speed"),
-)
+ADMIN_COMMANDS = messages.ADMIN_MENU
 
 NUMERIC_ID = re.compile(r"\d{1,20}")
 _USERNAME = re.compile(r"@?[A-Za-z][A-Za-z0-9_]{2,31}")

@@ -11,9 +11,9 @@ from telegram.constants import ChatType
 from telegram.error import BadRequest
 from telegram.ext import ContextTypes, ExtBot
 
-from adapters.telegram.delivery import delivery_of, display_name, user_ref
+from adapters.telegram.delivery import PLATFORM, delivery_of, display_name, user_ref
 from bot import messages
-from bot.domain import Job, JobState
+from bot.domain import Job, JobState, UploadFile
 from bot.errors import NotFoundError, RequestError
 from bot.service import Service
 
@@ -43,7 +43,7 @@ def parse_callback(data: str | None) -> tuple[str, str] | None:
 def cancel_markup(job_id: str) -> InlineKeyboardMarkup:
     """The status message's keyboard while a job is queued or running."""
     return InlineKeyboardMarkup(
-        [[InlineKeyboardButton("✖ Cancel", callback_data=callback_data("cancel", job_id))]]
+        [[InlineKeyboardButton(messages.BUTTONS["cancel"], callback_data=callback_data("cancel", job_id))]]
     )
 
 
@@ -52,9 +52,11 @@ def result_markup(job_id: str) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup(
         [
             [
-                InlineKeyboardButton("🎲 Reroll", callback_data=callback_data("reroll", job_id)),
-                InlineKeyboardButton("🖼 Original PNG", callback_data=callback_data("png", job_id)),
-                InlineKeyboardButton("🗑 Delete", callback_data=callback_data("del", job_id)),
+                InlineKeyboardButton(
+                    messages.BUTTONS["reroll"], callback_data=callback_data("reroll", job_id)
+                ),
+                InlineKeyboardButton(messages.BUTTONS["png"], callback_data=callback_data("png", job_id)),
+                InlineKeyboardButton(messages.BUTTONS["delete"], callback_data=callback_data("del", job_id)),
             ]
         ]
     )
@@ -87,8 +89,15 @@ class Buttons:
             await query.answer(messages.rerolling_text(ticket.job))
         elif action == "png":
             job = await service.job(job_id)
-            await self._send_originals(context.bot, job, chat.id, message.message_id)
+            files = await self._originals(job)
             await query.answer(messages.PNG_SENT)
+            sending = service.status.carry(
+                PLATFORM, delivery_of(message),
+                lambda: self._send_originals(context.bot, job, files, chat.id, message.message_id),
+                cost=len(files),
+            )  # fmt: skip
+            if sending is not None:
+                await sending
         elif action == "del":
             job = await service.authorize_delete(actor, job_id)
             await self._delete_results(context.bot, job, chat.id, message.message_id)
@@ -97,14 +106,19 @@ class Buttons:
             job = await service.cancel(actor, job_id)
             await query.answer(messages.CANCELLED if job.state is JobState.CANCELLED else messages.STOPPING)
 
-    async def _send_originals(self, bot: ExtBot[None], job: Job, chat_id: int, reply_to: int) -> None:
-        """The untouched PNG(s) as documents, so the ``parameters`` metadata survives."""
+    async def _originals(self, job: Job) -> list[UploadFile]:
+        """The untouched PNG(s) as they will be uploaded, so the ``parameters`` metadata survives."""
         if not job.outputs:
             raise RequestError(messages.no_images_yet(job))
         exists = await asyncio.to_thread(lambda: [os.path.exists(p) for p in job.outputs])
         if not all(exists):
             raise NotFoundError(messages.originals_gone(job))
-        files = [await self._service.upload_file(p, self._document_limit) for p in job.outputs]
+        return [await self._service.upload_file(p, self._document_limit) for p in job.outputs]
+
+    @staticmethod
+    async def _send_originals(
+        bot: ExtBot[None], job: Job, files: list[UploadFile], chat_id: int, reply_to: int
+    ) -> None:
         where = ReplyParameters(message_id=reply_to, allow_sending_without_reply=True)
         if len(files) == 1:
             await bot.send_document(chat_id, files[0].data, filename=files[0].filename,

@@ -15,14 +15,7 @@ from bot import messages
 from bot.grammar import split_flags
 from bot.service import Service
 
-PUBLIC_COMMANDS: tuple[tuple[str, str], ...] = (
-    ("draw", "Draw a picture: /draw a red fox in snow --ar 16:9"),
-    ("credits", "Your credits and when they refill"),
-    ("jobs", "Your queued, running and recent jobs"),
-    ("queue", "Who is waiting for the GPU"),
-    ("cancel", "Cancel a job: /cancel [job id]"),
-    ("help", "How to draw, flags and credits"),
-)
+PUBLIC_COMMANDS = messages.COMMAND_MENU
 
 _Context = ContextTypes.DEFAULT_TYPE
 
