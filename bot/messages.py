@@ -283,6 +283,8 @@ BUTTONS = {
     "delete": "🗑 Delete",
     "edit": "✏️ Edit",
     "info": "ℹ️ Info",
+    "subtle": "🌱 Vary (subtle)",
+    "strong": "🌀 Vary (strong)",
 }
 #: the command menu a platform shows (name, description); admins see the admin part too
 COMMAND_MENU: tuple[tuple[str, str], ...] = (
@@ -309,6 +311,10 @@ STOPPING = "Stopping…"
 
 def rerolling_text(job: Job) -> str:
     return f"Rerolling as job {job.id}"
+
+
+def varying_text(job: Job) -> str:
+    return f"Varying as job {job.id} (strength {job.request.strength:g})"
 
 
 def original_caption(job: Job) -> str:

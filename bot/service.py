@@ -327,6 +327,11 @@ class Service:
         """Refuse a picture by the size its platform declares, before downloading it (``MAX_INPUT_BYTES``)."""
         check_size(size_bytes, self.limits.max_input_bytes)
 
+    @property
+    def draws_from_pictures(self) -> bool:
+        """Whether this bot draws from pictures: the model can, and pictures can be kept."""
+        return self._sources is not None and self.profile.img2img is not None
+
     async def keep_picture(self, data: bytes) -> SourceImage:
         """Check a user's picture (size, format by its bytes, pixels before decoding) and keep it.
 
@@ -346,7 +351,7 @@ class Service:
         self,
         user: UserRef,
         text: str | RawOptions,
-        picture: bytes,
+        picture: bytes | Callable[[], Awaitable[bytes]],
         *,
         delivery: dict[str, Any],
         user_name: str = "",
@@ -354,12 +359,14 @@ class Service:
     ) -> Ticket:
         """Draw from a picture: ``text`` is what follows ``/draw`` (or a platform form's options).
 
-        The words are checked first, then the picture is checked and kept, then the job is
-        submitted like any other (the job row holds the kept picture's reference).
+        The words are checked first, then the picture is fetched (``picture`` may be a download
+        to start only then), checked and kept, then the job is submitted like any other (the job
+        row holds the kept picture's reference).
         """
         options = split_flags(text) if isinstance(text, str) else text
         precheck_picture_request(options, self.profile, self.limits)
-        source = await self.keep_picture(picture)
+        data = picture if isinstance(picture, bytes) else await picture()
+        source = await self.keep_picture(data)
         request = build_request(options, self.profile, self.limits, source)
         return await self.submit(
             user, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed

@@ -13,7 +13,7 @@ from telegram.ext import ContextTypes, ExtBot
 
 from adapters.telegram.delivery import PLATFORM, delivery_of, display_name, user_ref
 from bot import messages
-from bot.domain import Job, JobState, UploadFile
+from bot.domain import VARY_STRONG, VARY_SUBTLE, Job, JobState, UploadFile
 from bot.errors import NotFoundError, RequestError
 from bot.service import Service
 
@@ -21,7 +21,9 @@ _log = logging.getLogger(__name__)
 
 #: callback data is ``bb:<action>:<job id>``, far below Telegram's 64 bytes
 CALLBACK_PREFIX = "bb"
-_ACTIONS = ("reroll", "png", "del", "cancel")
+_ACTIONS = ("reroll", "png", "del", "cancel", "subtle", "strong")
+#: the strengths of the two Vary buttons
+VARY_STRENGTHS = {"subtle": VARY_SUBTLE, "strong": VARY_STRONG}
 
 
 def callback_data(action: str, job_id: str) -> str:
@@ -47,19 +49,23 @@ def cancel_markup(job_id: str) -> InlineKeyboardMarkup:
     )
 
 
-def result_markup(job_id: str) -> InlineKeyboardMarkup:
-    """The keyboard under a delivered result."""
-    return InlineKeyboardMarkup(
+def result_markup(job_id: str, *, vary: bool = True) -> InlineKeyboardMarkup:
+    """The keyboard under a delivered result; the Vary row only when the model draws from pictures."""
+    rows = [
         [
+            InlineKeyboardButton(messages.BUTTONS["reroll"], callback_data=callback_data("reroll", job_id)),
+            InlineKeyboardButton(messages.BUTTONS["png"], callback_data=callback_data("png", job_id)),
+            InlineKeyboardButton(messages.BUTTONS["delete"], callback_data=callback_data("del", job_id)),
+        ],
+    ]
+    if vary:
+        rows.append(
             [
-                InlineKeyboardButton(
-                    messages.BUTTONS["reroll"], callback_data=callback_data("reroll", job_id)
-                ),
-                InlineKeyboardButton(messages.BUTTONS["png"], callback_data=callback_data("png", job_id)),
-                InlineKeyboardButton(messages.BUTTONS["delete"], callback_data=callback_data("del", job_id)),
+                InlineKeyboardButton(messages.BUTTONS[action], callback_data=callback_data(action, job_id))
+                for action in VARY_STRENGTHS
             ]
-        ]
-    )
+        )
+    return InlineKeyboardMarkup(rows)
 
 
 class Buttons:
@@ -87,6 +93,12 @@ class Buttons:
                 nsfw_allowed=chat.type == ChatType.PRIVATE,
             )  # fmt: skip
             await query.answer(messages.rerolling_text(ticket.job))
+        elif action in VARY_STRENGTHS:
+            ticket = await service.vary(
+                actor, job_id, VARY_STRENGTHS[action], delivery=delivery_of(message),
+                user_name=display_name(user), nsfw_allowed=chat.type == ChatType.PRIVATE,
+            )  # fmt: skip
+            await query.answer(messages.varying_text(ticket.job))
         elif action == "png":
             job = await service.job(job_id)
             files = await self._originals(job)

@@ -234,7 +234,7 @@ class TelegramTransport:
     # ------------------------------------------------------------------ results
 
     async def _single(self, job: Job, image: SavedImage, caption: str) -> Message:
-        markup = result_markup(job.id)
+        markup = result_markup(job.id, vary=self.service.draws_from_pictures)
         if image.size_bytes <= self.photo_limit:
             photo = await self.service.upload_file(image.path, self.photo_limit)
             try:
@@ -285,7 +285,7 @@ class TelegramTransport:
     async def _album_keyboard(self, job: Job, first: Message, count: int) -> int:
         """An album cannot carry buttons: the status message becomes the keyboard (or a new one)."""
         text = messages.album_keyboard_text(job, count)
-        markup = result_markup(job.id)
+        markup = result_markup(job.id, vary=self.service.draws_from_pictures)
         status = self._status_id(job)
         if status is not None and await self._edit(job, status, text, markup):
             return status
