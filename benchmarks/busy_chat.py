@@ -15,8 +15,9 @@ take the commands and deliver the images from the real service and worker on the
         acknowledgement every interaction must get (counted apart)
     (d) mixed: a busy group and a few private chats at once; the private users' latency
     (e) mixed busy: a group with more results waiting than its budget, and private chats that
-        ask later; their latency shows whether the GPU draws for chats that can receive
-        (compare ``--delivery-ahead 0`` with the default)
+        ask a little later; their latency shows whether the GPU draws for chats that can receive
+        first (``mixed busy``, DELIVERY_AHEAD's default) or in fair order regardless
+        (``mixed busy in fair order``: DELIVERY_AHEAD=0)
 
     .venv/bin/python benchmarks/busy_chat.py           # tiny Z-Image, 512², 8 steps, 20 per 60 s
     .venv/bin/python benchmarks/busy_chat.py --quick   # a few jobs, 64², 20 per 3 s: a smoke run
@@ -86,11 +87,12 @@ class Config:
     busy_users: int = 20
     mixed_group_users: int = 12  # (d)
     mixed_private_users: int = 3
-    late_private_s: float = 20.0  # (e): the private chats ask this long after the group
+    late_private_s: float = 3.0  # (e): the private chats ask this long after the group
     delivery_ahead: float | None = None  # DELIVERY_AHEAD for the runs; None: the setting's default
     group_limit: Limit = GROUP_LIMIT
     discord_buckets: dict[str, Bucket] = field(default_factory=dict)  # overrides of the fake's
-    cases: tuple[str, ...] = ("telegram a", "telegram b", "discord a", "discord b", "mixed", "mixed busy")
+    cases: tuple[str, ...] = ("telegram a", "telegram b", "discord a", "discord b", "mixed", "mixed busy",
+                              "mixed busy in fair order")  # fmt: skip
     timeout: float = 1800.0
 
     def request(self, case: int, index: int) -> DrawRequest:
@@ -393,7 +395,7 @@ async def _telegram_case(
 
 
 async def _busy_with_privates(
-    cfg: Config, tiny: TinyBench, folder: Path, number: int, per_user: int
+    cfg: Config, tiny: TinyBench, folder: Path, name: str, number: int, per_user: int
 ) -> dict[str, Any]:
     """(e) the busy group of (b), and private chats asking ``late_private_s`` later.
 
@@ -410,7 +412,7 @@ async def _busy_with_privates(
         if u < users or k == 0
     ]
     return await _telegram_case(
-        cfg, tiny, folder, "mixed busy", number, users, cfg.mixed_private_users, 0, cfg.late_private_s,
+        cfg, tiny, folder, name, number, users, cfg.mixed_private_users, 0, cfg.late_private_s,
         jobs=jobs,
     )  # fmt: skip
 
@@ -488,7 +490,11 @@ async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
         "mixed": lambda n: _telegram_case(
             cfg, tiny, folder, "mixed", n, cfg.mixed_group_users, cfg.mixed_private_users, 1
         ),
-        "mixed busy": lambda n: _busy_with_privates(cfg, tiny, folder, n, per_user),
+        "mixed busy": lambda n: _busy_with_privates(cfg, tiny, folder, "mixed busy", n, per_user),
+        # the same with DELIVERY_AHEAD=0: the GPU draws in fair order whatever the chats can take
+        "mixed busy in fair order": lambda n: _busy_with_privates(
+            replace(cfg, delivery_ahead=0.0), tiny, folder, "mixed busy in fair order", n, per_user
+        ),
     }
     cases: dict[str, Any] = {}
     for number, name in enumerate(cfg.cases):
@@ -563,7 +569,7 @@ def render(result: dict[str, Any]) -> str:
         rows,
     )  # fmt: skip
     notes = []
-    for name in ("mixed", "mixed busy"):
+    for name in ("mixed", "mixed busy", "mixed busy in fair order"):
         mixed = result["cases"].get(name, {}).get("private")
         if mixed:
             notes.append(
