@@ -304,6 +304,7 @@ ADMIN_MENU: tuple[tuple[str, str], ...] = (
 )
 UNKNOWN_COMMAND = "unknown command {command}: try /help"
 PNG_SENT = "Original PNG sent"
+NOT_THIS_CHAT = "That button belongs to a job of another chat"
 DELETED = "Deleted"
 CANCELLED = "Cancelled"
 STOPPING = "Stopping…"

@@ -679,7 +679,14 @@ async def test_a_busy_group_folds_status_into_one_board_and_each_result_replies(
         caption = str(photo.params["caption"])
         assert caption.startswith(f"picture {n}") and f"seed {n}" in caption
     # about one message per image: the photos, the first job's status, the board and a few board edits
-    assert tg.counted(GROUP) <= 6 + 1 + 1 + 2
+    # (the first job's own progress edits are left out: they are sent only from the budget's
+    # slack, which this test's short window has plenty of, so their number follows the load)
+    spent = [
+        f"{c.method}:{str(c.params.get('text', ''))[:30]}"
+        for c in tg.counted_calls(GROUP)
+        if not str(c.params.get("text", "")).startswith("Drawing job")
+    ]
+    assert len(spent) <= 6 + 1 + 1 + 2, spent
     await tg.wait_until(lambda: tg.message(GROUP, board_calls[0].result["message_id"]).deleted)
 
 

@@ -30,7 +30,7 @@ from telegram.ext import (
 from telegram.request import HTTPXRequest
 
 from adapters.telegram.admin import ADMIN_COMMANDS, NUMERIC_ID, AdminCommands
-from adapters.telegram.buttons import CALLBACK_PREFIX, Buttons
+from adapters.telegram.buttons import Buttons
 from adapters.telegram.commands import PUBLIC_COMMANDS
 from adapters.telegram.delivery import PLATFORM, display_name, user_ref
 from adapters.telegram.errors import ErrorHook
@@ -267,7 +267,9 @@ class TelegramAdapter:
 
     def _add_handlers(self, app: App) -> None:
         app.add_handler(TypeHandler(Update, self._gate), group=-1)
-        fresh = filters.UpdateType.MESSAGE  # not edited messages: editing a /draw must not draw again
+        # not edited messages (editing a /draw must not draw again), not forwarded ones (a
+        # forwarded /draw is someone else's request: whoever forwards it must not be charged)
+        fresh = filters.UpdateType.MESSAGE & ~filters.FORWARDED
         c = self._commands
         commands: dict[str, _Handler] = {
             "draw": c.draw, "credits": c.credits, "jobs": c.jobs, "queue": c.queue, "cancel": c.cancel,
@@ -279,7 +281,9 @@ class TelegramAdapter:
         # a photo or image file whose caption is a /draw: CommandHandler reads only text
         captioned = fresh & (filters.PHOTO | filters.Document.ALL) & filters.CaptionRegex(_DRAW_CAPTION)
         app.add_handler(MessageHandler(captioned, self._captioned_draw))
-        app.add_handler(CallbackQueryHandler(self._buttons, pattern=rf"^{CALLBACK_PREFIX}:"))
+        # every press reaches only the bot whose message holds the keyboard: all are answered,
+        # unknown or malformed payloads with nothing, so no client is left spinning
+        app.add_handler(CallbackQueryHandler(self._buttons))
         app.add_error_handler(ErrorHook(self.service, PLATFORM))
 
     async def _register_commands(self) -> None:
@@ -302,7 +306,7 @@ class TelegramAdapter:
 
     def _ours(self, message: Message | None) -> bool:
         """Whether the message (or a photo's caption) is a command for this bot (not ``/draw@otherbot``)."""
-        if message is None:
+        if message is None or message.forward_origin is not None:
             return False
         text, entities = message.text or message.caption, message.entities or message.caption_entities
         if not text or not entities:

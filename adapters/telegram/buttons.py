@@ -87,6 +87,11 @@ class Buttons:
         message = query.message
         chat = message.chat
         service = self._service
+        # a payload is only honoured under a message of the job's own chat: a forged one naming
+        # a job of another chat (its id seen in a caption or /jobs) must not reveal or redraw it
+        if str((await service.job(job_id)).delivery.get("chat_id")) != str(chat.id):
+            await query.answer(messages.NOT_THIS_CHAT, show_alert=True)
+            return
         if action == "reroll":
             ticket = await service.reroll(
                 actor, job_id, delivery=delivery_of(message), user_name=display_name(user),
