@@ -87,7 +87,9 @@ class Config:
     busy_users: int = 20
     mixed_group_users: int = 12  # (d)
     mixed_private_users: int = 3
-    late_private_s: float = 3.0  # (e): the private chats ask this long after the group
+    #: (e): the private chats ask once this many of the group's photos were sent, its budget
+    #: nearly spent and its backlog still on the GPU
+    private_after_photos: int = 16
     delivery_ahead: float | None = None  # DELIVERY_AHEAD for the runs; None: the setting's default
     group_limit: Limit = GROUP_LIMIT
     discord_buckets: dict[str, Bucket] = field(default_factory=dict)  # overrides of the fake's
@@ -117,7 +119,7 @@ QUICK = Config(
     busy_users=3,
     mixed_group_users=4,
     mixed_private_users=2,
-    late_private_s=1.0,
+    private_after_photos=3,
     group_limit=Limit(calls=20, window=3.0),
     discord_buckets={
         "POST /channels/{channel_id}/messages": Bucket(name="channel-message-create", limit=5, per=1.0)
@@ -340,10 +342,10 @@ def _round(value: float | None) -> float | None:
 
 async def _telegram_case(
     cfg: Config, tiny: TinyBench, folder: Path, name: str, number: int, groups: int, privates: int,
-    jobs_each: int, late_private_s: float = 0.0, jobs: list[Job] | None = None,
+    jobs_each: int, private_after_photos: int = 0, jobs: list[Job] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """``groups`` users in the group and ``privates`` in private chats, ``jobs_each`` jobs each, typed at
-    once (the private ones ``late_private_s`` later)."""
+    once (the private ones once ``private_after_photos`` of the group's photos were sent)."""
     jobs = jobs or [
         Job(user=u, private=u >= groups, request=cfg.request(number, k * (groups + privates) + u))
         for k in range(jobs_each)
@@ -360,10 +362,13 @@ async def _telegram_case(
         chats = [group if u < groups else fake.private_chat(people[u]) for u in range(groups + privates)]
         before = len(fake.calls)
         sent: dict[int, float] = {}
-        waited = not late_private_s
-        for job in sorted(jobs, key=lambda j: j.private) if late_private_s else jobs:
+        waited = not private_after_photos
+        for job in sorted(jobs, key=lambda j: j.private) if private_after_photos else jobs:
             if job.private and not waited:
-                await asyncio.sleep(late_private_s)
+                await fake.wait_for(
+                    "sendPhoto", lambda c: c.chat_id == GROUP_ID and c.ok, count=private_after_photos,
+                    timeout=cfg.timeout,
+                )  # fmt: skip
                 waited = True
             sent[job.request.seed] = time.monotonic()
             fake.inject_message(chats[job.user], people[job.user], "/draw " + cfg.command(job.request))
@@ -397,7 +402,7 @@ async def _telegram_case(
 async def _busy_with_privates(
     cfg: Config, tiny: TinyBench, folder: Path, name: str, number: int, per_user: int
 ) -> dict[str, Any]:
-    """(e) the busy group of (b), and private chats asking ``late_private_s`` later.
+    """(e) the busy group of (b), and private chats asking once its budget is nearly spent.
 
     The group's results outrun its budget; the private ones can be delivered at once. Each
     group user's jobs are typed first, so a private job arrives behind a deep group backlog.
@@ -412,7 +417,7 @@ async def _busy_with_privates(
         if u < users or k == 0
     ]
     return await _telegram_case(
-        cfg, tiny, folder, name, number, users, cfg.mixed_private_users, 0, cfg.late_private_s,
+        cfg, tiny, folder, name, number, users, cfg.mixed_private_users, 0, cfg.private_after_photos,
         jobs=jobs,
     )  # fmt: skip
 
