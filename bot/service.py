@@ -50,6 +50,7 @@ from bot.errors import (
     NotAuthorizedError,
     NotFoundError,
     QueueFullError,
+    RefusedError,
     RequestError,
     UnreachableError,
 )
@@ -599,6 +600,10 @@ class Service:
         for attempt in range(attempts):
             try:
                 await self.status.deliver(live.job, saved, self._caption)
+            except RefusedError as err:  # the chat is there: tell the requester in a line of text
+                _log.warning("job %s: the result was refused: %s", job.id, err)
+                await self._end(live, JobState.FAILED, f"the result could not be posted: {err}")
+                return
             except UnreachableError as err:
                 _log.warning("job %s: chat unreachable: %s", job.id, err)
                 await self._end(live, JobState.FAILED, f"the chat could not be reached: {err}", notify=False)

@@ -582,6 +582,23 @@ async def test_bot_removed_from_the_group_mid_job_ends_it_refunded(
     assert kinds == ["reserve", "refund"]
 
 
+async def test_a_refused_result_ends_refunded_and_the_requester_is_told(h: Harness, tg: FakeTelegram) -> None:
+    chat = tg.private_chat(ALICE)
+    tg.fail("sendPhoto", status=400, description="Bad Request: wrong type of the web page content")
+    await h.say(chat, ALICE, "/draw a fox")
+    await tg.wait_for("sendPhoto")
+    await h.settled()
+    [job] = await h.store.user_jobs(ref(ALICE))
+    assert job.state is JobState.FAILED and "could not be posted" in (job.error or "")
+    assert (await h.service.credits(ref(ALICE))).available == 10
+    said = [str(c.params.get("text")) for c in tg.calls if c.chat_id == ALICE["id"] and c.ok
+            and c.method in ("sendMessage", "editMessageText")]  # fmt: skip
+    told = [t for t in said if "could not be posted" in t]  # (the status message says it)
+    assert (
+        len(told) == 1 and "wrong type of the web page content" in told[0].lower() and "\n" not in told[0]
+    ), told
+
+
 async def test_the_token_never_reaches_the_logs(
     h: Harness, tg: FakeTelegram, caplog: pytest.LogCaptureFixture
 ) -> None:
