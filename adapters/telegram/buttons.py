@@ -106,8 +106,9 @@ class Buttons:
             await query.answer(messages.varying_text(ticket.job))
         elif action == "png":
             job = await service.job(job_id)
-            files = await self._originals(job)
-            await query.answer(messages.PNG_SENT)
+            await self._check_originals(job)
+            await query.answer(messages.PNG_SENT)  # before the files are read and fitted
+            files = [await service.upload_file(p, self._document_limit) for p in job.outputs]
             sending = service.status.carry(
                 PLATFORM, delivery_of(message),
                 lambda: self._send_originals(context.bot, job, files, chat.id, message.message_id),
@@ -123,14 +124,14 @@ class Buttons:
             job = await service.cancel(actor, job_id)
             await query.answer(messages.CANCELLED if job.state is JobState.CANCELLED else messages.STOPPING)
 
-    async def _originals(self, job: Job) -> list[UploadFile]:
-        """The untouched PNG(s) as they will be uploaded, so the ``parameters`` metadata survives."""
+    @staticmethod
+    async def _check_originals(job: Job) -> None:
+        """The untouched PNG(s) are still there to send (so the ``parameters`` metadata survives)."""
         if not job.outputs:
             raise RequestError(messages.no_images_yet(job))
         exists = await asyncio.to_thread(lambda: [os.path.exists(p) for p in job.outputs])
         if not all(exists):
             raise NotFoundError(messages.originals_gone(job))
-        return [await self._service.upload_file(p, self._document_limit) for p in job.outputs]
 
     @staticmethod
     async def _send_originals(
