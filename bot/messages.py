@@ -301,10 +301,49 @@ ADMIN_MENU: tuple[tuple[str, str], ...] = (
     ("stats", "Admin: jobs, queue and speed"),
 )
 UNKNOWN_COMMAND = "unknown command {command}: try /help"
+#: the form a Discord Edit button opens
+EDIT_FORM = {
+    "title": "Edit and draw again",
+    "prompt": "Prompt (--flags allowed)",
+    "negative": "Negative prompt",
+}
+#: what Discord shows for each /draw option, by option name
+DRAW_OPTIONS = {
+    "prompt": "what to draw; --flags such as --ar 16:9 --seed 42 work here too",
+    "negative": "what to avoid (needs guidance above 0 on some models)",
+    "size": "picture shape",
+    "steps": "denoising steps (default {steps})",
+    "seed": "reproduce an image: each image of a batch gets seed, seed+1, ...",
+    "count": "number of images",
+    "guidance": "guidance scale (default {guidance:g}; above 0 doubles the GPU time)",
+    "job": "the job id shown in its status (default: your newest job)",
+}
+#: Discord's admin group (/brush ...): name, description, and option descriptions
+DISCORD_ADMIN = {
+    "brush": "brushbot administration",
+    "quota": "Users' credits",
+    "show": "A user's credits and history",
+    "set": "Set a user's allowance per period (leave credits empty for the default)",
+    "grant": "Give (or take) bonus credits",
+    "reset": "Reset this period's usage",
+    "ban": "Stop a user from drawing",
+    "unban": "Let a banned user draw again",
+    "weight": "A user's share of the GPU when several wait (default 1)",
+    "stats": "Jobs, queue and speed",
+    "user": "the member",
+    "credits": "credits per period",
+    "bonus": "bonus credits, may be negative",
+    "weight_value": "0.01 to 100",
+}
 PNG_SENT = "Original PNG sent"
 DELETED = "Deleted"
 CANCELLED = "Cancelled"
 STOPPING = "Stopping…"
+
+
+def cancel_button_text(job: Job) -> str:
+    """A Cancel button that names its job (``/jobs`` on Discord lists several)."""
+    return f"{BUTTONS['cancel']} {job.id}"
 
 
 def rerolling_text(job: Job) -> str:

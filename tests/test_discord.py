@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from adapters.discord_bot import _FIELD_TOKEN, _REDACTED_LOGGERS, _URL_TOKEN, DiscordAdapter
+from adapters.discord import FIELD_TOKEN, REDACTED_LOGGERS, URL_TOKEN, DiscordAdapter
 from bot.config import Settings
 from bot.domain import JobState, LedgerKind, UserRef
 from bot.logs import guard_logs
@@ -320,14 +320,16 @@ async def test_draw_defers_shows_progress_and_uploads_the_saved_png(
 async def test_two_users_jobs_interleave_fairly(
     fake: FakeDiscord, make_bot: Callable[..., Any], gate: Gate
 ) -> None:
+    # one channel each: a quiet channel shows each job's ticket (a busy one is tested below)
+    rooms = [fake.add_channel(f"room{n}") for n in range(4)]
     await make_bot()
     alice, bob = fake.add_user("alice"), fake.add_user("bob")
     gate.close()
-    first, _ = await draw(fake, alice, prompt="alice one", steps=1)
+    first, _ = await draw(fake, alice, prompt="alice one", steps=1, channel=rooms[0])
     assert await gate.wait_entered() == "alice one"  # running, held at the gate
-    await draw(fake, alice, prompt="alice two", steps=1)
-    await draw(fake, alice, prompt="alice three", steps=1)
-    bobs, bob_status = await draw(fake, bob, prompt="bob one", steps=1)
+    await draw(fake, alice, prompt="alice two", steps=1, channel=rooms[1])
+    await draw(fake, alice, prompt="alice three", steps=1, channel=rooms[2])
+    bobs, bob_status = await draw(fake, bob, prompt="bob one", steps=1, channel=rooms[3])
     # bob waits behind at most the running job: ahead of alice's queued ones
     assert "next in line" in bob_status["content"] or "position 2 in" in bob_status["content"]
     gate.allow()
@@ -366,7 +368,7 @@ async def test_every_result_button_works_after_a_restart(
     assert "Prompt: a lighthouse" in text and "seed 7" in text and "delivered" in text
 
     denied = await fake.click(result, f"bb:delete:{job_id}", mallory)
-    assert "only the person who asked" in await ephemeral_answer(fake, denied)
+    assert "Only the person who asked" in await ephemeral_answer(fake, denied)
     assert int(result["id"]) in fake.messages
 
     reroll = await fake.click(result, f"bb:reroll:{job_id}", alice)
@@ -393,13 +395,14 @@ async def test_every_result_button_works_after_a_restart(
 async def test_cancel_buttons_and_commands_before_and_after_a_restart(
     fake: FakeDiscord, make_bot: Callable[..., Any], gate: Gate
 ) -> None:
+    rooms = [fake.add_channel(f"room{n}") for n in range(3)]  # quiet channels: each job has its status
     bot = await make_bot()
     alice, bob = fake.add_user("alice"), fake.add_user("bob")
     gate.close()
-    a_it, a_status = await draw(fake, alice, prompt="alice running", steps=1)
+    a_it, a_status = await draw(fake, alice, prompt="alice running", steps=1, channel=rooms[0])
     assert await gate.wait_entered() == "alice running"
-    b_it, b_status = await draw(fake, bob, prompt="bob waiting", steps=1)
-    _, c_status = await draw(fake, bob, prompt="bob second", steps=1)
+    b_it, b_status = await draw(fake, bob, prompt="bob waiting", steps=1, channel=rooms[1])
+    _, c_status = await draw(fake, bob, prompt="bob second", steps=1, channel=rooms[2])
     a_id, b_id, c_id = (job_id_of(m["content"]) for m in (a_status, b_status, c_status))
 
     queue = await fake.slash("queue", alice)
@@ -461,7 +464,7 @@ async def test_admin_commands_are_refused_to_members_and_work_for_admins(
     assert bot.store is not None
     for command, options in calls:
         it = await fake.slash(command, member, **options)
-        assert await ephemeral_answer(fake, it) == "only bot admins can do that", command
+        assert await ephemeral_answer(fake, it) == "Only bot admins can do that", command
     assert await bot.store.history(target_ref) == []
 
     answers = {}
@@ -491,14 +494,14 @@ async def test_a_configured_server_permission_makes_admins(
     target = fake.add_user("target2")
     bot = await make_bot(discord_admin_permission=None)
     it = await fake.slash("brush quota grant", manager, user=target, credits=2)
-    assert await ephemeral_answer(fake, it) == "only bot admins can do that"  # ADMIN_IDS only by default
+    assert await ephemeral_answer(fake, it) == "Only bot admins can do that"  # ADMIN_IDS only by default
     await bot.stop()
 
     bot = await make_bot(discord_admin_permission="manage_guild")
     it = await fake.slash("brush quota grant", manager, user=target, credits=2)
     assert "credit(s) available" in await ephemeral_answer(fake, it)
     it = await fake.slash("brush stats", fake.add_user("plain"))
-    assert await ephemeral_answer(fake, it) == "only bot admins can do that"
+    assert await ephemeral_answer(fake, it) == "Only bot admins can do that"
     grants = await bot.store.history(UserRef(platform="discord", id=str(target.id)))
     assert [e.actor for e in grants] == [f"discord:{manager.id}"]
 
@@ -515,7 +518,7 @@ async def test_no_credits_left_is_a_clear_message_and_no_job(
 
     again = await fake.slash("draw", alice, prompt="one more", steps=1)
     text = await ephemeral_answer(fake, again)
-    assert "not enough credits" in text and "Credits refill at" in text
+    assert "Not enough credits" in text and "Credits refill at" in text
     assert again.original_message_id not in fake.messages
     assert bot.store is not None and len(await bot.store.user_jobs(alice_ref)) == 1
 
@@ -586,7 +589,7 @@ async def test_an_oversized_result_falls_back_to_a_smaller_encoding(
     [(filename, data)] = fake.files_of(result)
     assert Path(job.outputs[0]).stat().st_size > 5000  # the PNG itself would not fit
     assert filename.endswith((".jpg", ".webp")) and len(data) <= 5000
-    assert "to fit Discord's upload limit" in result["content"]
+    assert "to fit the upload limit" in result["content"]
 
 
 async def test_rate_limits_and_a_refused_upload_are_survived(
@@ -649,7 +652,7 @@ def test_tokens_are_redacted_in_messages_and_tracebacks() -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     # the filter the adapter installs: on the root handlers and on discord.py's (and our) loggers
-    undo = guard_logs([TOKEN], (_URL_TOKEN, _FIELD_TOKEN), _REDACTED_LOGGERS)
+    undo = guard_logs([TOKEN], (URL_TOKEN, FIELD_TOKEN), REDACTED_LOGGERS)
     late = io.StringIO()  # a handler added afterwards on a guarded logger is covered too
     late_handler = logging.StreamHandler(late)
     own = logging.getLogger("discord.webhook.async_")
