@@ -15,6 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from adapters.discord import FIELD_TOKEN, REDACTED_LOGGERS, URL_TOKEN, DiscordAdapter
+from bot import messages
 from bot.config import Settings
 from bot.domain import JobState, LedgerKind, UserRef
 from bot.logs import guard_logs
@@ -30,6 +31,7 @@ from tests.fakes.discord_server import (
     MANAGE_GUILD,
     MEMBER_PERMISSIONS,
     MODAL,
+    Bucket,
     FakeDiscord,
     FakeInteraction,
     FakeUser,
@@ -37,6 +39,7 @@ from tests.fakes.discord_server import (
 
 TOKEN = "bot-token-Zm9vYmFyYmF6cXV4LnNlY3JldC5kaXNjb3JkLnRva2Vu"
 WEBHOOK_EDIT = r"/webhooks/\d+/[^/]+/messages/\d+"
+WEBHOOK_ROUTE = "PATCH /webhooks/{webhook_id}/{webhook_token}/messages/{message_id}"
 
 
 class Gate:
@@ -173,6 +176,23 @@ async def worker(tiny_settings: Settings, gate: Gate) -> AsyncIterator[Worker]:
             gate.allow()
 
 
+def bot_on(
+    fake: FakeDiscord, tiny_settings: Settings, worker: Worker, *, token_lifetime: float = 15 * 60,
+    **overrides: Any,
+) -> Bot:  # fmt: skip
+    """The stack (not started yet) against ``fake``."""
+    update: dict[str, Any] = {
+        "discord_token": SecretStr(TOKEN),
+        "discord_api_base_url": fake.url,
+        "discord_gateway_url": fake.gateway_url,
+        "progress_interval": 0.1,
+        "admin_ids": [f"discord:{fake.owner.id}"],
+    }
+    update.update(overrides)
+    return Bot(fake=fake, settings=tiny_settings.model_copy(update=update), worker=worker,
+               token_lifetime=token_lifetime)  # fmt: skip
+
+
 @pytest.fixture
 async def make_bot(
     fake: FakeDiscord, tiny_settings: Settings, worker: Worker
@@ -180,16 +200,7 @@ async def make_bot(
     bots: list[Bot] = []
 
     async def make(*, token_lifetime: float = 15 * 60, **overrides: Any) -> Bot:
-        update: dict[str, Any] = {
-            "discord_token": SecretStr(TOKEN),
-            "discord_api_base_url": fake.url,
-            "discord_gateway_url": fake.gateway_url,
-            "progress_interval": 0.1,
-            "admin_ids": [f"discord:{fake.owner.id}"],
-        }
-        update.update(overrides)
-        bot = Bot(fake=fake, settings=tiny_settings.model_copy(update=update), worker=worker,
-                  token_lifetime=token_lifetime)  # fmt: skip
+        bot = bot_on(fake, tiny_settings, worker, token_lifetime=token_lifetime, **overrides)
         bots.append(bot)
         return await bot.start()
 
@@ -675,3 +686,168 @@ def test_tokens_are_redacted_in_messages_and_tracebacks() -> None:
         assert interaction_token not in logged and TOKEN not in logged
         assert "/webhooks/1234567890/[redacted]/messages" in logged and "'token': '[redacted]'" in logged
     assert not handler.filters and not own.filters  # undone
+
+
+# ---------------------------------------------------------------------- busy channels
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Poll a condition of the service (the fake's own waits only wake on its requests)."""
+    for _ in range(2000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
+
+
+def answered_to(fake: FakeDiscord, it: FakeInteraction) -> list[Any]:
+    """Requests after the acknowledgement that wrote to this interaction's messages (its webhook)."""
+    return [
+        r for r in fake.requests
+        if r.method in ("POST", "PATCH") and r.path.startswith("/webhooks/") and it.token in r.path
+        and 200 <= r.status < 300
+    ]  # fmt: skip
+
+
+def messages_in(fake: FakeDiscord, channel_id: int, since: int = 0) -> list[Any]:
+    """What the channel saw of the bot beyond the acknowledgements every interaction must get."""
+    return [r for r in fake.writes(channel_id)[since:] if not r.path.startswith("/interactions/")]
+
+
+async def test_a_quiet_channel_still_shows_status_and_progress(
+    fake: FakeDiscord, make_bot: Callable[..., Any]
+) -> None:
+    bot = await make_bot()
+    alice = fake.add_user("alice")
+    it, status = await draw(fake, alice, prompt="a quiet pond", steps=8)
+    job_id = job_id_of(status["content"])
+    await result_of(fake, it.original_message_id)
+    await bot.wait_state(job_id, JobState.DELIVERED)
+    texts = [str((r.json or {}).get("content", "")) for r in answered_to(fake, it)]
+    assert texts[0].startswith(f"Queued job {job_id}")
+    assert any(t.startswith(f"Drawing job {job_id}") for t in texts), (
+        "a quiet channel sees its job's progress"
+    )
+    assert texts[-1].startswith("a quiet pond")  # the result took the status message's place
+
+
+async def test_a_busy_channel_costs_about_one_message_per_image_and_each_result_replaces_its_ack(
+    fake: FakeDiscord, make_bot: Callable[..., Any], gate: Gate
+) -> None:
+    bot = await make_bot()
+    people = [fake.add_user(f"user{n}") for n in range(6)]
+    gate.close()
+    since = len(fake.writes(fake.general.id))
+    first, status = await draw(fake, people[0], prompt="picture 0 --seed 0", steps=8)
+    await gate.wait_entered()
+    others = [await fake.slash("draw", user, prompt=f"picture {n} --seed {n}", steps=8)
+              for n, user in enumerate(people[1:], start=1)]  # fmt: skip
+    for it in others:
+        await fake.wait_response(it)
+        assert it.callback_type == DEFERRED_CHANNEL_MESSAGE  # the deferral is the acknowledgement
+    await until(lambda: len(bot.svc.queue_view().entries) == 6)
+    assert all(not answered_to(fake, it) for it in others)  # no tickets while the channel is busy
+    gate.allow()
+    results = [await result_of(fake, it.original_message_id) for it in [first, *others]]
+    for n, result in enumerate(results):
+        assert result["content"].startswith(f"picture {n}") and f"seed {n}" in result["content"]
+        await bot.wait_state(job_of(result), JobState.DELIVERED)
+    for it in others:
+        assert len(answered_to(fake, it)) == 1  # its result, nothing else
+    # the first job found the channel quiet (its ticket, maybe a progress edit); the others cost one each
+    assert len(messages_in(fake, fake.general.id, since)) <= 6 + 1 + 2
+    assert job_of(results[0]) == job_id_of(status["content"])
+
+
+async def test_results_are_not_delayed_by_progress_in_a_tight_bucket(
+    tiny_settings: Settings, worker: Worker
+) -> None:
+    # an interaction's webhook takes 3 calls in 10 s here: the ticket, at most one progress edit,
+    # and the result must never wait for the window because progress used it up
+    buckets = {WEBHOOK_ROUTE: Bucket(name="webhook", limit=3, per=10.0)}
+    async with FakeDiscord(token=TOKEN, buckets=buckets) as fake:
+        bot = bot_on(fake, tiny_settings, worker, progress_interval=0.01, group_progress_interval=0.01)
+        await bot.start()
+        try:
+            it, status = await draw(fake, fake.add_user("alice"), prompt="a tight bucket", steps=8)
+            await result_of(fake, it.original_message_id)
+            await bot.wait_state(job_id_of(status["content"]), JobState.DELIVERED)
+            calls = answered_to(fake, it)
+            assert len(calls) <= 3 and calls[-1].files  # the result went in the bucket's first window
+            assert calls[-1].at - calls[0].at < 10.0
+            assert not fake.rate_limited, [f"{r.method} {r.path}" for r in fake.rate_limited]
+        finally:
+            await bot.stop()
+
+
+async def test_a_429_that_arrives_anyway_is_honoured_and_nothing_is_lost(
+    fake: FakeDiscord, make_bot: Callable[..., Any], gate: Gate
+) -> None:
+    bot = await make_bot()
+    people = [fake.add_user(f"user{n}") for n in range(5)]
+    gate.close()
+    fake.rate_limit("PATCH", WEBHOOK_EDIT, retry_after=0.3, times=3)  # Discord disagrees with the headers
+    its = [await fake.slash("draw", user, prompt=f"limited {n}", steps=1) for n, user in enumerate(people)]
+    for it in its:
+        await fake.wait_response(it)
+    gate.allow()
+    results = [await result_of(fake, it.original_message_id) for it in its]
+    assert len([r for r in fake.requests if r.injected and r.status == 429]) == 3
+    assert bot.store is not None
+    for user, result in zip(people, results, strict=True):
+        [job] = await bot.store.user_jobs(UserRef(platform="discord", id=str(user.id)))
+        assert job.state is JobState.DELIVERED and job.id == job_of(result)
+    uploads = [r for r in fake.requests if r.files and 200 <= r.status < 300]
+    assert len(uploads) == 5  # each delivered once
+
+
+async def test_cancel_without_an_id_cancels_the_newest_job(
+    fake: FakeDiscord, make_bot: Callable[..., Any], gate: Gate
+) -> None:
+    bot = await make_bot()
+    alice = fake.add_user("alice")
+    gate.close()
+    _, status = await draw(fake, alice, prompt="older", steps=1)
+    await gate.wait_entered()
+    newer = await fake.slash("draw", alice, prompt="newer", steps=1)
+    await fake.wait_response(newer)
+    await until(lambda: len(bot.svc.queue_view().entries) == 2)
+    assert bot.store is not None
+    newest, older = await bot.store.user_jobs(UserRef(platform="discord", id=str(alice.id)))
+    assert older.id == job_id_of(status["content"]) and newest.request.prompt == "newer"
+    cmd = await fake.slash("cancel", alice)
+    assert await ephemeral_answer(fake, cmd) == f"Cancelled job {newest.id}. 1 credit(s) refunded."
+    await fake.wait_until(lambda: "was cancelled" in content(fake, newer.original_message_id))
+    assert (
+        await bot.job_state(older.id) is JobState.QUEUED or await bot.job_state(older.id) is JobState.RUNNING
+    )
+    gate.allow()
+    await bot.wait_state(older.id, JobState.DELIVERED)
+    cmd = await fake.slash("cancel", alice)
+    assert await ephemeral_answer(fake, cmd) == messages.sentence(messages.NOTHING_TO_CANCEL)
+
+
+async def test_the_same_sentence_reads_the_same_on_discord_and_the_console(
+    fake: FakeDiscord, make_bot: Callable[..., Any]
+) -> None:
+    from adapters.console import ConsoleAdapter
+
+    bot = await make_bot()
+    out = io.StringIO()
+    console = ConsoleAdapter(
+        bot.svc, stdin=io.StringIO(""), stdout=out, user=UserRef(platform="console", id="me")
+    )
+    alice = fake.add_user("alice")
+    shown_on_discord = [
+        await ephemeral_answer(fake, await fake.slash("draw", alice, prompt="a fox --steps 9999")),
+        await ephemeral_answer(fake, await fake.slash("cancel", alice)),
+        await ephemeral_answer(fake, await fake.slash("credits", alice)),
+    ]
+    for line in ["/draw a fox --steps 9999", "/cancel", "/credits"]:
+        try:
+            await console.handle(line)
+        except Exception as err:  # the console's loop turns core errors into their line
+            console.say("⚠ " + messages.error_text(err, bot.svc.next_refill_text()))
+    shown = [line.removeprefix("⚠ ") for line in out.getvalue().splitlines()]
+    assert shown_on_discord[:2] == shown[:2]  # the refusal and "nothing to cancel", word for word
+    assert shown_on_discord[2].split(":")[0] == shown[2].split(":")[0]  # "You have 10 credit(s) left"

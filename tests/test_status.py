@@ -134,6 +134,31 @@ async def test_a_busy_group_gets_a_board_instead_of_status_messages() -> None:
     await status.close()
 
 
+async def test_lanes_of_a_busy_place_skip_their_status_and_have_no_board() -> None:
+    hub = RecordingHub()
+    status = engine(hub)
+    jobs = [job(n, chat=f"it{n}") for n in range(4)]
+    for j in jobs:
+        j.delivery["place"] = "channel"  # each job its own lane (an interaction), one shared channel
+        status.queued(j, ticket(j))
+    await status.flushed()
+    assert [e.job_id for e in hub.events] == ["job0"]  # the first found the channel quiet; no board
+    for j in jobs[1:]:
+        status.started(j)
+        status.progress(j, Progress(step=1, total=10, elapsed=0.0))
+    await asyncio.sleep(0.05)
+    assert [e.kind for e in hub.events] == ["queued"]  # no progress for jobs without a status
+    for j in jobs:
+        await status.deliver(j, [image()], lambda j: "caption")
+        status.ended(j.id)
+    later = job(9, chat="it9")
+    later.delivery["place"] = "channel"
+    status.queued(later, ticket(later))  # the channel is quiet again
+    await status.flushed()
+    assert hub.of("job9", "queued")
+    await status.close()
+
+
 async def test_updates_wait_for_slack_beyond_the_results_owed() -> None:
     hub = RecordingHub(budget_factory=lambda lane: SlidingWindow(4, 60.0))
     status = engine(hub)
