@@ -283,7 +283,15 @@ BUTTONS = {
     "delete": "🗑 Delete",
     "edit": "✏️ Edit",
     "info": "ℹ️ Info",
+    "subtle": "🌱 Vary (subtle)",
+    "strong": "🌪 Vary (strong)",
 }
+#: the Discord message command that draws from a message's picture
+VARY_MENU = "Vary this image"
+NO_PICTURE_IN_MESSAGE = "that message has no PNG, JPEG or WebP picture to draw from"
+NO_PROMPT_FOR_PICTURE = (
+    "that message has no text to use as the prompt: use /draw with its picture as the image option"
+)
 #: the command menu a platform shows (name, description); admins see the admin part too
 COMMAND_MENU: tuple[tuple[str, str], ...] = (
     ("draw", "Draw a picture: /draw a red fox in snow --ar 16:9"),
@@ -316,6 +324,8 @@ DRAW_OPTIONS = {
     "seed": "reproduce an image: each image of a batch gets seed, seed+1, ...",
     "count": "number of images",
     "guidance": "guidance scale (default {guidance:g}; above 0 doubles the GPU time)",
+    "image": "a picture to start from (PNG, JPEG or WebP)",
+    "strength": "with a picture: how far from it to go (0.05 close to it … 1 almost new)",
     "job": "the job id shown in its status (default: your newest job)",
 }
 #: Discord's admin group (/brush ...): name, description, and option descriptions
@@ -442,7 +452,8 @@ ADMIN_HELP = {
 PLATFORM_HELP = {
     "discord": (
         "On Discord the /draw options do the same as the flags (size: {sizes}). Under each picture: "
-        "Reroll (same settings, new seed), Edit (change the prompt), Info, Delete. "
+        "Reroll (same settings, new seed), Edit (change the prompt), Vary (subtle or strong), Info, Delete. "
+        "Draw from a picture with /draw's image option, or with Apps → Vary this image on any message. "
         "A job that finishes after 15 minutes is posted in the channel with a mention."
     ),
     "telegram": (

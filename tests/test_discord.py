@@ -15,6 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from adapters.discord import FIELD_TOKEN, REDACTED_LOGGERS, URL_TOKEN, DiscordAdapter
+from adapters.discord.buttons import RESULT_ACTIONS
 from bot import messages
 from bot.config import Settings
 from bot.domain import JobState, LedgerKind, UserRef
@@ -23,6 +24,7 @@ from bot.service import Service
 from data import SqliteStore
 from generation.images import ImageStore, read_parameters
 from generation.loading import load_pipeline
+from generation.sources import SourceStore
 from generation.worker import Worker
 from tests.fakes.discord_server import (
     CHANNEL_MESSAGE,
@@ -109,7 +111,7 @@ class Bot:
         await self.store.start()
         self.service = Service(
             settings=self.settings, store=self.store, workers=[self.worker], sink=self.sink,
-            delivery_backoff=(0.01, 0.01),
+            delivery_backoff=(0.01, 0.01), sources=SourceStore(self.settings.output_dir),
         )  # fmt: skip
         await self.service.start()
         self.adapter = DiscordAdapter(
@@ -282,7 +284,8 @@ async def test_draw_defers_shows_progress_and_uploads_the_saved_png(
 
     # commands were synced with typed ranges, size choices and a hidden admin group
     commands = {c["name"]: c for c in fake.commands[None]}
-    assert set(commands) == {"draw", "credits", "jobs", "queue", "cancel", "help", "brush"}
+    assert set(commands) == {"draw", "credits", "jobs", "queue", "cancel", "help", "brush", "Vary this image"}
+    assert commands["Vary this image"]["type"] == 3  # a message command
     options = {o["name"]: o for o in commands["draw"]["options"]}
     assert options["steps"]["max_value"] == bot.settings.max_steps
     assert options["count"]["max_value"] == bot.settings.max_images
@@ -319,7 +322,7 @@ async def test_draw_defers_shows_progress_and_uploads_the_saved_png(
     assert meta["seed"] == "42" and meta["brushbot"]["seed"] == 42
     for needle in ("a red fox in snow", "seed 42", "4 steps", "48x80", job.model):
         assert needle in result["content"]
-    assert fake.custom_ids(result) == [f"bb:{a}:{job_id}" for a in ("reroll", "edit", "info", "delete")]
+    assert fake.custom_ids(result) == [f"bb:{a}:{job_id}" for a in RESULT_ACTIONS]
 
     # no token anywhere: not in the log (at DEBUG), not in any body the bot sent
     for record in caplog.records:
@@ -567,7 +570,7 @@ async def test_a_late_result_goes_to_the_channel_and_a_gone_channel_refunds(
     await bot.wait_state(job_id, JobState.DELIVERED)
     job = await bot.svc.job(job_id)
     assert fake.files_of(late)[0][1] == Path(job.outputs[0]).read_bytes()
-    assert fake.custom_ids(late) == [f"bb:{a}:{job_id}" for a in ("reroll", "edit", "info", "delete")]
+    assert fake.custom_ids(late) == [f"bb:{a}:{job_id}" for a in RESULT_ACTIONS]
     await fake.wait_until(lambda: "is done" in content(fake, it.original_message_id))
 
     # with a short token lifetime the adapter goes to the channel without trying the token first

@@ -217,8 +217,10 @@ class DiscordAdapter:
         """Called by discord.py after login: register buttons and commands, then sync them."""
         client.add_dynamic_items(JobButton)
         tree = client.tree
-        for command in Commands(self.service, self.settings, self.buttons, self.vouched).build():
+        commands = Commands(self.service, self.settings, self.buttons, self.vouched)
+        for command in commands.build():
             tree.add_command(command)
+        tree.add_command(commands.vary_menu())
         tree.add_command(admin_group(self.service, self.buttons, self.vouched))
         tree.error(self.errors.on_app_command_error)
         try:

@@ -17,19 +17,24 @@ import discord
 from adapters.discord.delivery import Interaction, defer_then, nsfw_allowed, user_ref
 from adapters.discord.errors import ErrorHook
 from bot import messages
-from bot.domain import Job
+from bot.domain import VARY_STRONG, VARY_SUBTLE, Job
 from bot.grammar import RawOptions, split_flags
 from bot.service import Service
 
-CUSTOM_ID = r"bb:(?P<action>reroll|edit|info|delete|cancel):(?P<job>[0-9a-f]{1,32})"
+CUSTOM_ID = r"bb:(?P<action>reroll|edit|info|delete|cancel|subtle|strong):(?P<job>[0-9a-f]{1,32})"
+CUSTOM_ID_RE = re.compile(CUSTOM_ID)
 EDIT_FORM = re.compile(r"bb:editform:(?P<job>[0-9a-f]{1,32})")
-RESULT_ACTIONS = ("reroll", "edit", "info", "delete")
+RESULT_ACTIONS = ("reroll", "edit", "subtle", "strong", "info", "delete")
+#: the Vary buttons' strengths
+VARY = {"subtle": VARY_SUBTLE, "strong": VARY_STRONG}
 _STYLES: Mapping[str, discord.ButtonStyle] = {
     "reroll": discord.ButtonStyle.primary,
     "edit": discord.ButtonStyle.secondary,
     "info": discord.ButtonStyle.secondary,
     "delete": discord.ButtonStyle.danger,
     "cancel": discord.ButtonStyle.danger,
+    "subtle": discord.ButtonStyle.secondary,
+    "strong": discord.ButtonStyle.secondary,
 }
 
 
@@ -179,6 +184,15 @@ class Buttons:
             await service.authorize_delete(actor, job_id, vouched=self.vouched(interaction))
             await interaction.response.defer()  # acknowledges the click without a new message
             await interaction.delete_original_response()  # the message the button is on
+        elif action in VARY:
+            await defer_then(
+                interaction,
+                lambda delivery: service.vary(
+                    actor, job_id, VARY[action], delivery=delivery, user_name=user.display_name,
+                    nsfw_allowed=nsfw_allowed(interaction),
+                ),
+                expires=self.expires(),
+            )  # fmt: skip
         elif action == "reroll":
             await defer_then(
                 interaction,
@@ -207,6 +221,6 @@ class Buttons:
 
 
 __all__ = [
-    "CUSTOM_ID", "EDIT_FORM", "Buttons", "EditModal", "JobButton", "cancel_buttons", "edited_options",
+    "CUSTOM_ID", "CUSTOM_ID_RE", "EDIT_FORM", "VARY", "Buttons", "EditModal", "JobButton", "cancel_buttons", "edited_options",
     "modal_values", "result_view", "status_view", "view_of",
 ]  # fmt: skip

@@ -11,14 +11,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+import discord
 from discord import app_commands
 
 from adapters.discord.buttons import Buttons, cancel_buttons
 from adapters.discord.delivery import Interaction, defer_then, nsfw_allowed, user_ref
+from adapters.discord.pictures import Vary, fetch
 from bot import messages
 from bot.config import Settings
+from bot.domain import Ticket
 from bot.errors import RequestError
-from bot.grammar import MAX_SEED, RawOptions, split_flags
+from bot.grammar import (
+    MAX_SEED,
+    MAX_STRENGTH,
+    MIN_STRENGTH,
+    RawOptions,
+    precheck_picture_request,
+    split_flags,
+)
 from bot.service import Service
 
 #: Discord's longest string option (the prompt option also holds --flags)
@@ -31,6 +41,7 @@ TYPED_FLAGS: Mapping[str, str] = {
     "seed": "seed",
     "count": "n",
     "guidance": "cfg",
+    "strength": "strength",
 }
 AnyCommand = app_commands.Command[Any, ..., None]
 
@@ -93,6 +104,15 @@ class Commands:
             app_commands.Command(name="help", description=_description("help"), callback=help_),
         ]
 
+    def vary_menu(self) -> app_commands.ContextMenu:
+        """The "Vary this image" message command."""
+        vary = Vary(self.service, self.buttons.expires)
+
+        async def vary_message(interaction: Interaction, message: discord.Message) -> None:
+            await vary(interaction, message)
+
+        return app_commands.ContextMenu(name=messages.VARY_MENU, callback=vary_message)
+
     def _draw_command(self) -> Any:
         settings, profile = self.settings, self.service.profile
 
@@ -105,10 +125,12 @@ class Commands:
             seed: int | None = None,
             count: int | None = None,
             guidance: float | None = None,
+            image: discord.Attachment | None = None,
+            strength: float | None = None,
         ) -> None:
             await self.draw(
-                interaction, prompt, negative=negative, size=size, steps=steps, seed=seed, count=count,
-                guidance=guidance,
+                interaction, prompt, image=image, negative=negative, size=size, steps=steps, seed=seed,
+                count=count, guidance=guidance, strength=strength,
             )  # fmt: skip
 
         # Ranges and choices come from the settings and the model, so they are set at run time.
@@ -118,6 +140,7 @@ class Commands:
             seed=app_commands.Range[int, 0, MAX_SEED],
             count=app_commands.Range[int, 1, settings.max_images],
             guidance=app_commands.Range[float, 0.0, profile.max_guidance],
+            strength=app_commands.Range[float, MIN_STRENGTH, MAX_STRENGTH],
         )
         texts = {
             name: text.format(steps=profile.default_steps, guidance=profile.default_guidance)
@@ -133,18 +156,34 @@ class Commands:
             callback = app_commands.choices(size=choices)(callback)
         return callback
 
-    async def draw(self, interaction: Interaction, prompt: str, **typed: object) -> None:
+    async def draw(
+        self, interaction: Interaction, prompt: str, *, image: discord.Attachment | None, **typed: object
+    ) -> None:
         # Parsing is pure and fast, so a malformed request is refused before deferring, privately.
-        request = self.service.build(merge_options(split_flags(prompt), **typed))
-        user = interaction.user
-        await defer_then(
-            interaction,
-            lambda delivery: self.service.submit(
-                user_ref(user), request, delivery=delivery, user_name=user.display_name,
+        service, user = self.service, interaction.user
+        options = merge_options(split_flags(prompt), **typed)
+        if image is None:
+            request = service.build(options)
+            await defer_then(
+                interaction,
+                lambda delivery: service.submit(
+                    user_ref(user), request, delivery=delivery, user_name=user.display_name,
+                    nsfw_allowed=nsfw_allowed(interaction),
+                ),
+                expires=self.buttons.expires(),
+            )  # fmt: skip
+            return
+        precheck_picture_request(options, service.profile, service.limits)
+        service.check_picture_size(image.size)
+
+        async def submit(delivery: dict[str, Any]) -> Ticket:
+            data = await fetch(service, image)  # after the deferral: a download may take seconds
+            return await service.submit_picture(
+                user_ref(user), options, data, delivery=delivery, user_name=user.display_name,
                 nsfw_allowed=nsfw_allowed(interaction),
-            ),
-            expires=self.buttons.expires(),
-        )  # fmt: skip
+            )  # fmt: skip
+
+        await defer_then(interaction, submit, expires=self.buttons.expires())
 
     async def credits(self, interaction: Interaction) -> None:
         balance = await self.service.credits(user_ref(interaction.user))
