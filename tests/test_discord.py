@@ -18,7 +18,7 @@ from adapters.discord import FIELD_TOKEN, REDACTED_LOGGERS, URL_TOKEN, DiscordAd
 from adapters.discord.buttons import RESULT_ACTIONS
 from bot import messages
 from bot.config import Settings
-from bot.domain import JobState, LedgerKind, UserRef
+from bot.domain import VARY_STRONG, VARY_SUBTLE, JobState, LedgerKind, UserRef
 from bot.logs import guard_logs
 from bot.service import Service
 from data import SqliteStore
@@ -854,3 +854,125 @@ async def test_the_same_sentence_reads_the_same_on_discord_and_the_console(
     shown = [line.removeprefix("⚠ ") for line in out.getvalue().splitlines()]
     assert shown_on_discord[:2] == shown[:2]  # the refusal and "nothing to cancel", word for word
     assert shown_on_discord[2].split(":")[0] == shown[2].split(":")[0]  # "You have 10 credit(s) left"
+
+
+# ---------------------------------------------------------------------- drawing from a picture
+
+
+@pytest.fixture
+async def picture_bot(fake: FakeDiscord, tiny_settings: Settings, tiny_worker: Worker) -> AsyncIterator[Bot]:
+    """The stack on a plain worker: image-to-image needs the real pipeline (the gate's wrapper is not one)."""
+    bot = bot_on(fake, tiny_settings, tiny_worker, max_input_bytes=64 * 1024)
+    await bot.start()
+    try:
+        yield bot
+    finally:
+        await bot.stop()
+
+
+def png(width: int = 96, height: int = 64, colour: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def gif() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(out, format="GIF")
+    return out.getvalue()
+
+
+async def test_draw_with_an_image_option_draws_from_it_and_records_the_strength(
+    fake: FakeDiscord, picture_bot: Bot, tmp_path: Path
+) -> None:
+    bot = picture_bot
+    alice = fake.add_user("alice")
+    commands = {c["name"]: c for c in fake.commands[None]}
+    options = {o["name"]: o for o in commands["draw"]["options"]}
+    assert options["image"]["type"] == 11 and options["strength"]["max_value"] == 1.0
+    it, status = await draw(fake, alice, prompt="a watercolour", steps=4, image=fake.upload("in.png", png()),
+                            strength=0.5)  # fmt: skip
+    job_id = job_id_of(status["content"])
+    result = await result_of(fake, it.original_message_id)
+    await bot.wait_state(job_id, JobState.DELIVERED)
+    job = await bot.svc.job(job_id)
+    assert job.request.strength == 0.5 and job.request.source
+    assert "strength 0.5" in result["content"]
+    [(filename, data)] = fake.files_of(result)
+    (tmp_path / filename).write_bytes(data)
+    meta = read_parameters(tmp_path / filename)
+    assert meta["denoising_strength"] == "0.5" and meta["source_hash"] == job.request.source[:10]
+
+
+async def test_pictures_are_refused_in_one_line_with_no_credit_spent(
+    fake: FakeDiscord, picture_bot: Bot
+) -> None:
+    bot = picture_bot  # MAX_INPUT_BYTES 64 KiB
+    alice = fake.add_user("alice")
+    alice_ref = UserRef(platform="discord", id=str(alice.id))
+    noise = bytes(range(256)) * 320  # 80 kB: over the limit by its declared size
+    cases = [
+        (fake.upload("big.png", b"\x89PNG\r\n\x1a\n" + noise), "the limit is"),
+        (fake.upload("anim.gif", gif(), "image/gif"), "GIF"),
+        (fake.upload("notes.png", b"just some text, not a picture at all"), "PNG, JPEG or WebP"),
+    ]
+    before = len(fake.requests)
+    for upload, reason in cases:
+        it = await fake.slash("draw", alice, prompt="from this", image=upload)
+        line = await ephemeral_answer(fake, it)
+        assert reason in line and "\n" not in line, line
+        left = fake.messages.get(it.original_message_id or 0)
+        assert left is None or left["flags"] & EPHEMERAL  # no public "thinking…" left behind
+    downloads = [r for r in fake.requests[before:] if "/attachments/" in r.path]
+    assert not downloads  # the REST log never sees CDN downloads; the big one was refused before it
+    assert bot.store is not None and await bot.store.user_jobs(alice_ref) == []
+    credits = await fake.slash("credits", alice)
+    assert f"You have {bot.settings.daily_credits} credit(s) left" in await ephemeral_answer(fake, credits)
+
+
+async def test_vary_this_image_on_a_members_picture_and_on_our_result(
+    fake: FakeDiscord, picture_bot: Bot
+) -> None:
+    bot = picture_bot
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    posted = fake.post_as(bob, fake.general, "a castle on a hill", [("castle.png", png(80, 48))])
+    it = await fake.message_command("Vary this image", alice, posted)
+    await fake.wait_response(it)
+    assert it.callback_type == DEFERRED_CHANNEL_MESSAGE
+    result = await result_of(fake, it.original_message_id)
+    job = await bot.svc.job(job_of(result))
+    assert job.request.prompt == "a castle on a hill" and job.request.source and job.user.id == str(alice.id)
+    await bot.wait_state(job.id, JobState.DELIVERED)
+
+    again = await fake.message_command("Vary this image", bob, fake.messages[int(result["id"])])
+    varied = await result_of(fake, (await fake.wait_response(again)).original_message_id)
+    second = await bot.svc.job(job_of(varied))
+    assert second.request.prompt == "a castle on a hill" and second.request.strength == VARY_SUBTLE
+    assert second.id != job.id and second.request.source != job.request.source
+
+    bare = fake.post_as(bob, fake.general, "no picture here")
+    refused = await fake.message_command("Vary this image", alice, bare)
+    assert await ephemeral_answer(fake, refused) == messages.sentence(messages.NO_PICTURE_IN_MESSAGE)
+
+
+async def test_vary_buttons_work_after_a_restart(fake: FakeDiscord, picture_bot: Bot) -> None:
+    bot = picture_bot
+    alice = fake.add_user("alice")
+    it, status = await draw(fake, alice, prompt="a lantern --seed 3", steps=4)
+    job_id = job_id_of(status["content"])
+    result = await result_of(fake, it.original_message_id)
+    await bot.wait_state(job_id, JobState.DELIVERED)
+    await bot.restart()
+    for action, strength in (("subtle", VARY_SUBTLE), ("strong", VARY_STRONG)):
+        click = await fake.click(result, f"bb:{action}:{job_id}", alice)
+        await fake.wait_response(click)
+        assert click.callback_type == DEFERRED_CHANNEL_MESSAGE
+        varied = await result_of(fake, click.original_message_id)
+        job = await bot.svc.job(job_of(varied))
+        assert job.request.prompt == "a lantern" and job.request.strength == strength
+        assert job.seeds != (3,) and f"strength {strength:g}" in varied["content"]
+        await bot.wait_state(job.id, JobState.DELIVERED)
