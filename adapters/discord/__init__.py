@@ -1,7 +1,8 @@
 """brushbot on Discord (discord.py 2): ``DiscordAdapter`` and what tests and tools need.
 
 Modules: ``app`` (lifecycle), ``commands`` and ``admin`` (slash commands), ``buttons``
-(persistent buttons and the Edit form), ``transport`` (carrying the core's messages within
+(persistent buttons and the Edit form), ``pictures`` (drawing from an attachment or a
+message's picture), ``transport`` (carrying the core's messages within
 learned buckets), ``delivery`` (chat references and lanes), ``errors`` (token redaction,
 Discord errors, the error hook).
 """
