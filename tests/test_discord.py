@@ -762,6 +762,23 @@ async def test_a_busy_channel_costs_about_one_message_per_image_and_each_result_
     assert job_of(results[0]) == job_id_of(status["content"])
 
 
+async def test_a_refusal_in_a_busy_channel_still_gets_its_line(
+    fake: FakeDiscord, make_bot: Callable[..., Any], gate: Gate
+) -> None:
+    bot = await make_bot()
+    gate.close()
+    for n in range(4):
+        await fake.wait_response(
+            await fake.slash("draw", fake.add_user(f"user{n}"), prompt=f"busy {n}", steps=1)
+        )
+    await until(lambda: len(bot.svc.queue_view().entries) == 4)
+    refused = await fake.slash("draw", fake.add_user("eve"), prompt="too long --steps 9999")
+    line = await ephemeral_answer(fake, refused)
+    assert "9999" in line and "\n" not in line and refused.callback_type == CHANNEL_MESSAGE
+    gate.allow()
+    await until(lambda: not bot.svc.queue_view().entries)
+
+
 async def test_results_are_not_delayed_by_progress_in_a_tight_bucket(
     tiny_settings: Settings, worker: Worker
 ) -> None:
