@@ -248,10 +248,7 @@ class StatusEngine:
         if st is None:
             raise RuntimeError(f"no transport for {job.user.platform}")
         self._job_lane.setdefault(job.id, st)
-        view = st.jobs.get(job.id)
-        if view is not None:
-            view.job, view.drawing = job, False
-        self._drop_updates(st, job.id)
+        self._settle_updates(st, job)
         cost = st.transport.result_cost(job, images)
         done = asyncio.get_running_loop().create_future()
 
@@ -267,7 +264,7 @@ class StatusEngine:
         st = self._lane_of(job.user.platform, job.delivery)
         if st is None:
             return None
-        self._drop_updates(st, job.id)
+        self._settle_updates(st, job)
         done = asyncio.get_running_loop().create_future()
         self._push(
             st, Priority.NOTICE, lambda: st.transport.notice(self._fresh(job), text), job_id=job.id, done=done
@@ -400,6 +397,22 @@ class StatusEngine:
         if st.task is None or st.task.done():
             st.task = asyncio.create_task(self._drain(st), name=f"outbox-{st.lane.key}")
             st.task.add_done_callback(_drain_done)
+
+    def _settle_updates(self, st: _LaneState, job: Job) -> None:
+        """The job's end is on its way: no more progress, in its lane and in the lane it was queued in.
+
+        They differ when the lane changed meanwhile (a Discord interaction's token ran out: the
+        end goes to the channel, while a progress edit may still wait in the interaction's lane).
+        """
+        lanes = [st]
+        queued_in = self._job_lane.get(job.id)
+        if queued_in is not None and queued_in is not st:
+            lanes.append(queued_in)
+        for lane in lanes:
+            view = lane.jobs.get(job.id)
+            if view is not None:
+                view.job, view.drawing = job, False
+            self._drop_updates(lane, job.id)
 
     def _drop_updates(self, st: _LaneState, job_id: str) -> None:
         """A job's result or failure is on its way: its waiting acknowledgement and progress are moot."""
