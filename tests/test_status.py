@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -156,6 +157,22 @@ async def test_lanes_of_a_busy_place_skip_their_status_and_have_no_board() -> No
     status.queued(later, ticket(later))  # the channel is quiet again
     await status.flushed()
     assert hub.of("job9", "queued")
+    await status.close()
+
+
+async def test_a_job_whose_lane_changed_gets_no_progress_after_its_result() -> None:
+    hub = RecordingHub(budget_factory=lambda lane: SlidingWindow(2, 0.3))
+    status = engine(hub)
+    a = job(1, chat="interaction")
+    status.queued(a, ticket(a))
+    await status.flushed()
+    status.started(a)
+    status.progress(a, Progress(step=1, total=10, elapsed=0.0))  # waits for slack in the first lane
+    moved = replace(a, delivery={"chat": "channel"})  # e.g. a Discord token ran out: the channel now
+    await status.deliver(moved, [image()], lambda j: "caption")
+    await asyncio.sleep(0.5)
+    kinds = [e.kind for e in hub.events]
+    assert kinds[-1] == "delivered" and "progress" not in kinds[kinds.index("delivered") :]
     await status.close()
 
 
