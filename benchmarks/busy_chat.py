@@ -169,7 +169,7 @@ async def start_discord(service: Any, settings: Settings, fake: FakeDiscord) -> 
     """Today's Discord adapter, as production builds it, on ``fake``; the one place to re-point."""
     from pydantic import SecretStr
 
-    from adapters.discord_bot import DiscordAdapter
+    from adapters.discord import DiscordAdapter
 
     update = {
         "discord_token": SecretStr(fake.token),

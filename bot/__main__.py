@@ -71,7 +71,7 @@ async def serve(settings: Settings, *, console: bool) -> None:
 
             await stack.enter_async_context(TelegramAdapter(service, settings))
         if tokens["DISCORD_TOKEN"] and not console:
-            from adapters.discord_bot import DiscordAdapter
+            from adapters.discord import DiscordAdapter
 
             await stack.enter_async_context(DiscordAdapter(service, settings))
         # Registered last, so it runs first: the service stops (leaving unfinished jobs for the

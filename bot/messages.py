@@ -286,6 +286,12 @@ BUTTONS = {
     "subtle": "🌱 Vary (subtle)",
     "strong": "🌀 Vary (strong)",
 }
+#: the Discord message command that draws from a message's picture
+VARY_MENU = "Vary this image"
+NO_PICTURE_IN_MESSAGE = "that message has no PNG, JPEG or WebP picture to draw from"
+NO_PROMPT_FOR_PICTURE = (
+    "that message has no text to use as the prompt: use /draw with its picture as the image option"
+)
 #: the command menu a platform shows (name, description); admins see the admin part too
 COMMAND_MENU: tuple[tuple[str, str], ...] = (
     ("draw", "Draw a picture: /draw a red fox in snow --ar 16:9"),
@@ -303,11 +309,52 @@ ADMIN_MENU: tuple[tuple[str, str], ...] = (
     ("stats", "Admin: jobs, queue and speed"),
 )
 UNKNOWN_COMMAND = "unknown command {command}: try /help"
+#: the form a Discord Edit button opens
+EDIT_FORM = {
+    "title": "Edit and draw again",
+    "prompt": "Prompt (--flags allowed)",
+    "negative": "Negative prompt",
+}
+#: what Discord shows for each /draw option, by option name
+DRAW_OPTIONS = {
+    "prompt": "what to draw; --flags such as --ar 16:9 --seed 42 work here too",
+    "negative": "what to avoid (needs guidance above 0 on some models)",
+    "size": "picture shape",
+    "steps": "denoising steps (default {steps})",
+    "seed": "reproduce an image: each image of a batch gets seed, seed+1, ...",
+    "count": "number of images",
+    "guidance": "guidance scale (default {guidance:g}; above 0 doubles the GPU time)",
+    "image": "a picture to start from (PNG, JPEG or WebP)",
+    "strength": "with a picture: how far from it to go (0.05 close to it … 1 almost new)",
+    "job": "the job id shown in its status (default: your newest job)",
+}
+#: Discord's admin group (/brush ...): name, description, and option descriptions
+DISCORD_ADMIN = {
+    "brush": "brushbot administration",
+    "quota": "Users' credits",
+    "show": "A user's credits and history",
+    "set": "Set a user's allowance per period (leave credits empty for the default)",
+    "grant": "Give (or take) bonus credits",
+    "reset": "Reset this period's usage",
+    "ban": "Stop a user from drawing",
+    "unban": "Let a banned user draw again",
+    "weight": "A user's share of the GPU when several wait (default 1)",
+    "stats": "Jobs, queue and speed",
+    "user": "the member",
+    "credits": "credits per period",
+    "bonus": "bonus credits, may be negative",
+    "weight_value": "0.01 to 100",
+}
 PNG_SENT = "Original PNG sent"
 NOT_THIS_CHAT = "That button belongs to a job of another chat"
 DELETED = "Deleted"
 CANCELLED = "Cancelled"
 STOPPING = "Stopping…"
+
+
+def cancel_button_text(job: Job) -> str:
+    """A Cancel button that names its job (``/jobs`` on Discord lists several)."""
+    return f"{BUTTONS['cancel']} {job.id}"
 
 
 def rerolling_text(job: Job) -> str:
@@ -410,7 +457,8 @@ ADMIN_HELP = {
 PLATFORM_HELP = {
     "discord": (
         "On Discord the /draw options do the same as the flags (size: {sizes}). Under each picture: "
-        "Reroll (same settings, new seed), Edit (change the prompt), Info, Delete. "
+        "Reroll (same settings, new seed), Edit (change the prompt), Vary (subtle or strong), Info, Delete. "
+        "Draw from a picture with /draw's image option, or with Apps → Vary this image on any message. "
         "A job that finishes after 15 minutes is posted in the channel with a mention."
     ),
     "telegram": (
