@@ -79,7 +79,7 @@ class UnreachableError(DeliveryError):
     """The chat can no longer be reached; retrying will not help."""
 
 
-class RefusedError(UnreachableError):
+class MessageRefusedError(UnreachableError):
     """The platform refused this message (a bad request); retrying will not help, but the chat
     may still take a line of text saying so."""
 

@@ -47,10 +47,10 @@ from bot.errors import (
     CancelledError,
     DeliveryError,
     GenerationError,
+    MessageRefusedError,
     NotAuthorizedError,
     NotFoundError,
     QueueFullError,
-    RefusedError,
     RequestError,
     UnreachableError,
 )
@@ -600,7 +600,7 @@ class Service:
         for attempt in range(attempts):
             try:
                 await self.status.deliver(live.job, saved, self._caption)
-            except RefusedError as err:  # the chat is there: tell the requester in a line of text
+            except MessageRefusedError as err:  # the chat is there: tell the requester in a line of text
                 _log.warning("job %s: the result was refused: %s", job.id, err)
                 await self._end(live, JobState.FAILED, f"the result could not be posted: {err}")
                 return

@@ -19,7 +19,7 @@ from discord import app_commands
 
 from adapters.discord.delivery import SUBMITTED, THINKING, Interaction
 from bot import messages
-from bot.errors import BotError, DeliveryError, RateLimitedError, UnreachableError
+from bot.errors import BotError, DeliveryError, MessageRefusedError, RateLimitedError, UnreachableError
 from bot.service import Service
 
 _log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ def core_error(exc: BaseException) -> DeliveryError:
     if isinstance(exc, discord.HTTPException):
         if chat_gone(exc):
             return UnreachableError(f"the channel is gone or closed to the bot ({exc.status})")
+        if exc.status == 400:  # a bad request stays bad: not retried, the requester is told
+            return MessageRefusedError(f"Discord refused the message ({exc.code or 'no code'})")
         return DeliveryError(f"Discord answered {exc.status} ({exc.code or 'no code'})")
     return DeliveryError(f"could not reach Discord ({type(exc).__name__})")
 

@@ -12,7 +12,7 @@ from telegram.ext import ContextTypes
 
 from adapters.telegram.delivery import delivery_of
 from bot import messages
-from bot.errors import BotError, DeliveryError, RateLimitedError, RefusedError, UnreachableError
+from bot.errors import BotError, DeliveryError, MessageRefusedError, RateLimitedError, UnreachableError
 from bot.service import Service
 
 _log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def core_error(err: TelegramError) -> DeliveryError:
     if isinstance(err, BadRequest):
         if any(s in err.message.lower() for s in _CHAT_GONE):
             return UnreachableError(f"Telegram: {err.message}")
-        return RefusedError(f"Telegram refused the message ({err.message})")
+        return MessageRefusedError(f"Telegram refused the message ({err.message})")
     if isinstance(err, TimedOut):
         return DeliveryError("Telegram did not answer in time")
     return DeliveryError(f"Telegram error ({err.message})")
