@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from tests.fakes.discord_server import (
     FakeDiscord,
     FakeInteraction,
     FakeUser,
+    rendered,
 )
 
 TOKEN = "bot-token-Zm9vYmFyYmF6cXV4LnNlY3JldC5kaXNjb3JkLnRva2Vu"
@@ -269,7 +271,7 @@ async def ephemeral_answer(fake: FakeDiscord, it: FakeInteraction) -> str:
                 return str(msg["content"])
         return None
 
-    return await fake.wait_until(text)  # type: ignore[no-any-return]
+    return rendered(await fake.wait_until(text))
 
 
 # ---------------------------------------------------------------------- tests
@@ -993,3 +995,24 @@ async def test_vary_buttons_work_after_a_restart(fake: FakeDiscord, picture_bot:
         assert job.request.prompt == "a lantern" and job.request.strength == strength
         assert job.seeds != (3,) and f"strength {strength:g}" in varied["content"]
         await bot.wait_state(job.id, JobState.DELIVERED)
+
+
+async def test_user_text_cannot_format_link_unfurl_or_mention(
+    fake: FakeDiscord, make_bot: Callable[..., Any]
+) -> None:
+    bot = await make_bot()
+    alice = fake.add_user("alice")
+    hostile = "[free nitro](https://evil.example/claim) **boss** __u__ ||x|| `c` @everyone <@1> <#2>"
+    it, status = await draw(fake, alice, prompt=f"{hostile} --seed 3")
+    result = await result_of(fake, it.original_message_id)
+    await bot.wait_state(job_id_of(status["content"]), JobState.DELIVERED)
+    for raw in (status["content"], result["content"]):
+        # no masked link, no bold/underline/spoiler/code, no mention: every marker is escaped
+        assert not re.search(r"(?<!\\)\[[^\]]*(?<!\\)\]\(", raw), raw
+        assert not re.search(r"(?<!\\)(\*\*|__|\|\||`)", raw), raw
+        assert "@everyone" not in raw and not re.search(r"(?<!\\)<[@#]", raw), raw
+    assert "<https://evil.example/claim>" in result["content"]  # clickable, but Discord shows no preview
+    # and people read exactly what was typed
+    assert rendered(result["content"]).replace("<https://evil.example/claim>", "https://evil.example/claim") \
+        .replace("@\u200beveryone", "@everyone").startswith(hostile)  # fmt: skip
+    assert result.get("mentions", []) == [] and not result.get("mention_everyone")

@@ -16,6 +16,7 @@ import discord
 
 from adapters.discord.delivery import Interaction, defer_then, nsfw_allowed, user_ref
 from adapters.discord.errors import ErrorHook
+from adapters.discord.text import inert
 from bot import messages
 from bot.domain import VARY_STRONG, VARY_SUBTLE, Job
 from bot.grammar import RawOptions, split_flags
@@ -161,7 +162,7 @@ class Buttons:
 
     async def answer(self, interaction: Interaction, text: str, view: discord.ui.View | None = None) -> None:
         """An ephemeral answer (or follow-up when the interaction was deferred)."""
-        text = text[:2000]
+        text = inert(text)[:2000]
         if interaction.response.is_done():
             await interaction.followup.send(text, ephemeral=True, view=view or discord.utils.MISSING)
         else:
@@ -171,7 +172,7 @@ class Buttons:
         """Cancel a job (the caller's newest without an id) and say so, privately."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         job = await self.service.cancel(user_ref(interaction.user), job_id, vouched=self.vouched(interaction))
-        await interaction.followup.send(messages.cancel_text(job), ephemeral=True)
+        await interaction.followup.send(inert(messages.cancel_text(job)), ephemeral=True)
 
     async def _press(self, interaction: Interaction, action: str, job_id: str) -> None:
         service, user = self.service, interaction.user

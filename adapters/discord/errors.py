@@ -18,6 +18,7 @@ import discord
 from discord import app_commands
 
 from adapters.discord.delivery import SUBMITTED, THINKING, Interaction
+from adapters.discord.text import inert
 from bot import messages
 from bot.errors import BotError, DeliveryError, MessageRefusedError, RateLimitedError, UnreachableError
 from bot.service import Service
@@ -106,7 +107,7 @@ class ErrorHook:
         return messages.GENERIC_ERROR
 
     async def report(self, interaction: Interaction, error: BaseException) -> None:
-        text = self.text(interaction, error).splitlines()[0][:MAX_CONTENT]
+        text = inert(self.text(interaction, error).splitlines()[0])[:MAX_CONTENT]
         try:
             if not interaction.response.is_done():
                 await interaction.response.send_message(text, ephemeral=True)

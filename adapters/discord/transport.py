@@ -40,6 +40,7 @@ from adapters.discord.errors import (
     too_large,
     webhook_gone,
 )
+from adapters.discord.text import inert
 from bot import messages
 from bot.budget import Budget, LearnedBucket
 from bot.domain import Job, SavedImage, UploadFile
@@ -165,7 +166,7 @@ class DiscordTransport:
     async def _edit(self, job: Job, content: str, view: discord.ui.View | None) -> None:
         """Edit the job's status message: through the interaction while its token lives, else the channel."""
         message_id = int(job.delivery["message_id"])
-        content = content[:MAX_CONTENT]
+        content = inert(content)[:MAX_CONTENT]
         try:
             if self._live(job):
                 try:
@@ -203,7 +204,7 @@ class DiscordTransport:
             _log.debug("job %s: status not edited: %s", job.id, err)
         mention, allowed = self._mention(job)
         await self._call(
-            lambda: self._channel(job).send((mention + text)[:MAX_CONTENT], allowed_mentions=allowed)
+            lambda: self._channel(job).send((mention + inert(text))[:MAX_CONTENT], allowed_mentions=allowed)
         )
 
     async def say(self, delivery: Mapping[str, Any], text: str) -> None:
@@ -211,10 +212,10 @@ class DiscordTransport:
         client = self.client
         if token_valid(delivery, self._clock()):
             webhook = discord.Webhook.partial(int(delivery["app_id"]), str(delivery["token"]), client=client)
-            await self._call(lambda: webhook.send(text[:MAX_CONTENT], ephemeral=True))
+            await self._call(lambda: webhook.send(inert(text)[:MAX_CONTENT], ephemeral=True))
             return
         channel = client.get_partial_messageable(int(delivery["channel_id"]))
-        await self._call(lambda: channel.send(text[:MAX_CONTENT]))
+        await self._call(lambda: channel.send(inert(text)[:MAX_CONTENT]))
 
     async def board(self, lane: Lane, text: str | None) -> None:
         """Discord lanes have no board: a busy channel's acknowledgements are the deferred responses."""
@@ -256,6 +257,7 @@ class DiscordTransport:
     def _text(caption: str, uploads: Sequence[UploadFile], room: int) -> str:
         reencoded = sorted({u.format.upper() for u in uploads if u.reencoded})
         note = messages.reencoded_note(reencoded) if reencoded else ""
+        caption = inert(caption)
         return caption[: max(0, room - len(note))] + note
 
     async def _send_result(

@@ -113,6 +113,11 @@ OTHER_ROUTES = (50, 1.0)
 _MAJOR = ("channel_id", "guild_id", "webhook_id", "webhook_token")
 
 
+def rendered(content: str) -> str:
+    """A message's text as Discord shows it: a backslash before a symbol only keeps it literal."""
+    return re.sub(r"\\([^\sA-Za-z0-9])", r"\1", content)
+
+
 def _template_regex(template: str) -> tuple[str, re.Pattern[str]]:
     method, path = template.split(" ", 1)
     return method.upper(), re.compile(re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path)))
