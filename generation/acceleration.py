@@ -84,6 +84,8 @@ def apply_attention(pipe: Any, attention: Attention, *, explicit: bool) -> Atten
 
     A pipeline without ``set_attention_backend`` (a UNet model) keeps its processors: native.
     """
+    if attention is Attention.NATIVE and not explicit:
+        return attention  # what a freshly loaded model runs anyway: nothing to switch
     denoiser = getattr(pipe, "transformer", None)
     if denoiser is None or not hasattr(denoiser, "set_attention_backend"):
         if explicit and attention is not Attention.NATIVE:

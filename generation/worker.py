@@ -162,6 +162,10 @@ class Worker:
         self.profile: ModelProfile = resolve_profile(settings.model, cache_dir=settings.model_cache_dir)
         if settings.compile:
             warm_sizes(self.profile, settings.compile_sizes)  # a size the model cannot draw: refused now
+            if not settings.warmup:
+                _log.warning(
+                    "COMPILE=true with WARMUP=false: the first request at each size waits for a compile"
+                )
         self.plan: LoadPlan | None = None
         self.device: str | None = None
         self.load_seconds: float | None = None

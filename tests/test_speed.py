@@ -263,3 +263,26 @@ async def test_worker_warms_every_size_to_compile_before_it_is_ready(tiny_settin
         assert plain.sizes == [(64, 64)]  # no compile: one warm-up at the default size
     with pytest.raises(BotError, match="COMPILE_SIZES"):
         Worker(settings.model_copy(update={"compile_sizes": [(100, 64)]}))
+
+
+class _Transformer:
+    """Records the backends set; refuses the ones not "installed"."""
+
+    def __init__(self, refuses: set[str]) -> None:
+        self.refuses, self.set = refuses, []
+
+    def set_attention_backend(self, name: str) -> None:
+        if name in self.refuses:
+            raise RuntimeError(f"{name} kernels are not available\nmore detail")
+        self.set.append(name)
+
+
+def test_an_auto_backend_that_fails_falls_back_to_native_an_explicit_one_stops() -> None:
+    pipe = type("Pipe", (), {})()
+    pipe.transformer = _Transformer({"flash"})  # type: ignore[attr-defined]
+    assert acceleration.apply_attention(pipe, Attention.FLASH, explicit=False) is Attention.NATIVE
+    assert pipe.transformer.set == ["native"]  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"ATTENTION=flash failed: flash kernels are not available$"):
+        acceleration.apply_attention(pipe, Attention.FLASH, explicit=True)
+    assert acceleration.apply_attention(pipe, Attention.NATIVE, explicit=False) is Attention.NATIVE
+    assert pipe.transformer.set == ["native"]  # type: ignore[attr-defined]  # nothing to switch
