@@ -1,4 +1,4 @@
-"""Where and how to load the model (device, dtype, offload) and the loading itself."""
+"""Where and how to load the model (device, dtype, memory tier, attention, compile) and the loading itself."""
 
 from __future__ import annotations
 
@@ -100,8 +100,8 @@ def decide_plan(
     Explicit settings win; a setting the machine cannot honour raises ``ConfigError``. For
     ``auto``: CUDA, else MPS, else CPU; bf16 on CUDA (fp16 where bf16 is unsupported), fp16 on
     MPS, float32 on CPU; on CUDA the tier from ``precision.choose_tier`` (16-bit when weights ×
-    1.2 fit free memory, then 8-bit, 8-bit with model offload, 4-bit, ..., sequential offload
-    last); elsewhere 16/32-bit on the device.
+    1.1 + 1.5 GiB fit free memory, then 8-bit, 8-bit with model offload, 4-bit, ..., sequential
+    offload last); elsewhere 16/32-bit on the device unless QUANTIZE says otherwise.
     """
     reasons: list[str] = []
     if settings.device is Device.AUTO:
