@@ -286,3 +286,25 @@ def test_an_auto_backend_that_fails_falls_back_to_native_an_explicit_one_stops()
         acceleration.apply_attention(pipe, Attention.FLASH, explicit=True)
     assert acceleration.apply_attention(pipe, Attention.NATIVE, explicit=False) is Attention.NATIVE
     assert pipe.transformer.set == ["native"]  # type: ignore[attr-defined]  # nothing to switch
+
+
+@pytest.mark.parametrize("quantize", [Quantize.FP8, Quantize.INT8, Quantize.NF4])
+def test_each_precision_maps_the_transformer_and_text_encoder_to_their_librarys_config(
+    quantize: Quantize,
+) -> None:
+    """fp8 and nf4 run on CUDA only; their configs are built (and checked here) the same way."""
+    import diffusers
+    import torch
+    import transformers
+
+    from generation.precision import quantization_config
+
+    pytest.importorskip("torchao" if quantize is not Quantize.NF4 else "bitsandbytes")
+    components = {"transformer": "diffusers", "text_encoder": "transformers", "vae": "diffusers"}
+    config = quantization_config(quantize, torch.bfloat16, components)
+    mapping = config.quant_mapping
+    assert set(mapping) == {"transformer", "text_encoder"}  # the VAE stays 16-bit
+    name = "BitsAndBytesConfig" if quantize is Quantize.NF4 else "TorchAoConfig"
+    assert isinstance(mapping["transformer"], getattr(diffusers, name))
+    assert isinstance(mapping["text_encoder"], getattr(transformers, name))
+    assert quantization_config(Quantize.NONE, torch.bfloat16, components) is None
