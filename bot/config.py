@@ -7,6 +7,7 @@ turns a validation error into one ``ConfigError`` line naming the variable.
 from __future__ import annotations
 
 import enum
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +39,37 @@ class Offload(enum.StrEnum):
     SEQUENTIAL = "sequential"
 
 
+class Quantize(enum.StrEnum):
+    """Weight precision of the big components: 16-bit (``none``), 8-bit (``fp8``, ``int8``) or 4-bit."""
+
+    AUTO = "auto"
+    NONE = "none"
+    FP8 = "fp8"
+    INT8 = "int8"
+    NF4 = "nf4"
+
+
+class Attention(enum.StrEnum):
+    """The transformer's attention kernel (a diffusers attention backend)."""
+
+    AUTO = "auto"
+    NATIVE = "native"
+    FLASH = "flash"
+    FLASH3 = "flash3"
+    SAGE = "sage"
+
+
+_SIZE = re.compile(r"^(\d+)[x×](\d+)$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``1024x768`` → (1024, 768); a ValueError naming the form otherwise."""
+    match = _SIZE.match(text.strip().lower())
+    if not match or not all(int(g) > 0 for g in match.groups()):
+        raise ValueError(f"{text!r} is not a size; write WIDTHxHEIGHT, e.g. 1024x768")
+    return int(match.group(1)), int(match.group(2))
+
+
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -60,6 +92,13 @@ class Settings(BaseSettings):
     device: Device = Device.AUTO
     dtype: DType = DType.AUTO
     offload: Offload = Offload.AUTO
+    #: weight precision of the transformer (and text encoder): auto picks by free memory
+    quantize: Quantize = Quantize.AUTO
+    attention: Attention = Attention.AUTO
+    #: regional torch.compile of the transformer's repeated blocks, warmed at start
+    compile: bool = False
+    #: sizes compiled at start besides the default and named sizes (WIDTHxHEIGHT, comma-separated)
+    compile_sizes: Annotated[list[tuple[int, int]], NoDecode] = Field(default_factory=list)
     warmup: bool = True
     model_cache_dir: Path = Path(".cache/brushbot")
 
@@ -116,6 +155,14 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("compile_sizes", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> Any:
+        parts = _split_csv(value)
+        if isinstance(parts, list) and all(isinstance(p, str) for p in parts):
+            return [parse_size(p) for p in parts]
+        return parts
 
     @field_validator("telegram_allowed_chats", mode="before")
     @classmethod

@@ -185,6 +185,9 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu(runs: dict[str, _Started]) -> None:
     # every speed-up has its row, measured or saying why not
     assert "fp8 layerwise casting" in rows and "torch.compile repeated blocks" in rows
     assert any(name.startswith("attention") for name in rows)
+    # the memory tiers load through load_pipeline: int8 runs on the CPU, the CUDA-only ones say so
+    assert rows["QUANTIZE=int8"]["status"] == "ok" and rows["QUANTIZE=int8"]["first_image_s"] is not None
+    assert rows["QUANTIZE=nf4"]["note"] == "needs CUDA" and "8 GiB budget, QUANTIZE=auto" in rows
     for row in data["rows"]:
         assert row["status"] in ("ok", "partial", "skipped", "unavailable"), row
         assert row["status"] == "ok" or row["note"]

@@ -201,7 +201,9 @@ async def h(tg: FakeTelegram, tiny_settings: Settings, gen: GatedWorker) -> Asyn
 # ---------------------------------------------------------------------------------- drawing
 
 
-async def test_group_draw_gets_the_saved_png_as_a_photo_with_its_seed(h: Harness, tg: FakeTelegram) -> None:
+async def test_group_draw_gets_a_jpeg_photo_of_the_saved_png_with_its_seed(
+    h: Harness, tg: FakeTelegram
+) -> None:
     group = tg.group(GROUP, "artists")
     command = await h.say(group, ALICE, "/draw a red fox in snow --seed 42")
     [status_call] = tg.calls_of("sendMessage", GROUP)
@@ -216,7 +218,14 @@ async def test_group_draw_gets_the_saved_png_as_a_photo_with_its_seed(h: Harness
     photo = result_message(tg, photo_call)
     job = await h.job(photo)
     assert job.state is JobState.DELIVERED
-    assert photo_call.uploads[0].data == Path(job.outputs[0]).read_bytes()
+    # the photo is the JPEG preview made with the PNG (Telegram recompresses photos anyway)
+    [upload] = photo_call.uploads
+    assert (
+        upload.data[:3] == b"\xff\xd8\xff"
+        and upload.filename == Path(job.outputs[0]).with_suffix(".jpg").name
+    )
+    with Image.open(io.BytesIO(upload.data)) as img, Image.open(job.outputs[0]) as png:
+        assert img.format == "JPEG" and img.size == png.size
     caption = str(photo_call.params["caption"])
     assert caption.startswith("a red fox in snow") and "seed 42" in caption and len(caption) <= 1024
     assert "64x64" in caption and "8 steps" in caption and re.search(r" · \d+\.\ds$", caption)
@@ -267,7 +276,9 @@ async def test_private_progress_edits_and_an_album_for_three_images(h: Harness, 
     assert [m["type"] for m in media] == ["photo"] * 3
     assert "seed 100, 101, 102" in media[0]["caption"] and all("caption" not in m for m in media[1:])
     [job] = await h.store.user_jobs(ref(ALICE))
-    assert [u.data for u in album.uploads] == [Path(p).read_bytes() for p in job.outputs]
+    # the JPEG previews of the saved PNGs, in order
+    assert [u.filename for u in album.uploads] == [Path(p).with_suffix(".jpg").name for p in job.outputs]
+    assert all(u.data[:3] == b"\xff\xd8\xff" for u in album.uploads)
     # the status message became the album's keyboard; progress edits went to it, text never repeated
     keyboard = [m for m in tg.bot_messages(ALICE["id"]) if m.buttons()]
     assert len(keyboard) == 1 and job_id_of(keyboard[0]) == job.id
