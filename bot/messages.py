@@ -98,12 +98,25 @@ def job_seconds(job: Job, now: float | None = None) -> float | None:
 
 
 def cancel_text(job: Job) -> str:
-    """The answer to a cancel: done at once for a queued job, refunded when a running one stops."""
+    """The answer to a cancel: done at once for a queued job, refunded when a running one stops.
+
+    A cancel answered "stopping" is always honoured: a result drawn after it is thrown away.
+    """
     if job.state is JobState.CANCELLED:
         return f"Cancelled job {job.id}." + ("" if job.free else f" {job.credits} credit(s) refunded.")
     if job.free:
         return f"Stopping job {job.id}."
     return f"Stopping job {job.id}; its credits are refunded when it stops."
+
+
+def too_late_text(job: Job) -> str:
+    """The answer to a cancel that came after the result was drawn and already on its way (or sent)."""
+    charged = "" if job.free else f"; its {job.credits} credit(s) stay charged"
+    if job.state is JobState.DELIVERED:
+        return f"too late to cancel job {job.id}: it was already delivered{charged}"
+    if job.state is JobState.DELIVERING:
+        return f"too late to cancel job {job.id}: it is already done and being delivered{charged}"
+    return f"job {job.id} has already finished ({job.state.value})"
 
 
 def balance_text(balance: Balance, refill: str) -> str:

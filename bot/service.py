@@ -82,6 +82,10 @@ class _Live:
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
     progress: Progress | None = None
+    #: why a user's (or admin's) cancel was accepted; once set, no result of this job is delivered
+    cancelled_by: str | None = None
+    #: a delivery attempt failed: part of the result may have reached the chat, so a cancel is too late
+    tried: bool = False
 
 
 class Service:
@@ -490,21 +494,38 @@ class Service:
         return max(mine, key=lambda job: job.created_at).id
 
     async def cancel(self, actor: UserRef, job_id: str | None = None, *, vouched: bool = False) -> Job:
-        """Cancel a queued job (refunded at once) or interrupt a running one (refunded when it stops).
+        """Cancel a job, truthfully: honoured (nothing delivered, refunded) or refused as too late.
 
-        Without a job id, the caller's newest unfinished job.
+        A queued job, or one whose result still waits unsent in its chat's outbox, is cancelled
+        and refunded at once (the returned job is CANCELLED). A drawing job (denoising, decoding
+        or being saved) is interrupted; whatever it still produces is thrown away and it is
+        refunded when it stops (the returned job is RUNNING). Once a send of the result has
+        begun, ``RequestError`` says it is too late. Without a job id, the caller's newest
+        unfinished job.
         """
         job_id = job_id.strip() if job_id else self._newest_cancellable(actor)
         job = await self.job(job_id)
         if job.user != actor and not self.is_admin(actor, vouched=vouched):
             raise NotAuthorizedError("you can only cancel your own jobs")
         live = self._live.get(job_id)
-        if live is None or not job.state.cancellable:
-            raise RequestError(f"job {job_id} has already finished ({job.state.value})")
+        if live is None or live.job.state.final:
+            raise RequestError(messages.too_late_text(job))
         who = "you" if actor == job.user else "an admin"
+        # No await between these checks and the decision: the job cannot change phase meanwhile.
+        if live.cancelled_by is not None:
+            return live.job  # already stopping
         if self._queue.remove(job_id):
-            await self._end(live, JobState.CANCELLED, f"cancelled by {who}")
+            live.cancelled_by = f"cancelled by {who}"
+            await self._end(live, JobState.CANCELLED, live.cancelled_by)
             return live.job
+        if live.job.state is JobState.DELIVERING:
+            if live.tried or not self.status.withdraw(job_id):
+                raise RequestError(messages.too_late_text(live.job))
+            live.cancelled_by = f"cancelled by {who}"
+            _log.info("job %s: result withdrawn before sending, cancelled by %s", job_id, actor.key)
+            await self._end(live, JobState.CANCELLED, live.cancelled_by)
+            return live.job
+        live.cancelled_by = f"cancelled by {who}"
         live.cancel.set()
         _log.info("job %s: cancel requested by %s", job_id, actor.key)
         return live.job
@@ -531,7 +552,7 @@ class Service:
         try:
             rendered = await worker.generate(job.request, job.seeds, on_step=on_step, cancel=live.cancel)
         except CancelledError:
-            failure = (JobState.CANCELLED, "cancelled while drawing")
+            failure = (JobState.CANCELLED, live.cancelled_by or "cancelled while drawing")
         except GenerationError as err:
             _log.warning("job %s failed: %s", job_id, err)
             failure = (JobState.FAILED, str(err))
@@ -553,6 +574,10 @@ class Service:
             return
         assert rendered is not None
         self._learn_speed(job, rendered)
+        if live.cancelled_by is not None:
+            # cancelled during the decode, after the last step: the cancel was promised, keep it
+            await self._end(live, JobState.CANCELLED, live.cancelled_by)
+            return
         # Saving and delivery happen elsewhere: the dispatcher can start the next job now.
         self._spawn(self._finish(live, rendered), f"finish-{job_id}")
 
@@ -580,7 +605,12 @@ class Service:
             _log.exception("job %s: saving the images failed", job.id)
             await self._end(live, JobState.FAILED, "the images could not be saved")
             return
-        live.job = replace(job, state=JobState.DELIVERING, outputs=tuple(s.path for s in saved))
+        if live.cancelled_by is not None:
+            # cancelled while saving: nothing was sent yet, so the cancel holds
+            await self._end(live, JobState.CANCELLED, live.cancelled_by)
+            return
+        # from here on a cancel is answered "too late" once the result's send has begun
+        live.job = replace(live.job, state=JobState.DELIVERING, outputs=tuple(s.path for s in saved))
         await self._deliver(live, saved)
 
     async def _deliver(self, live: _Live, saved: Sequence[SavedImage]) -> None:
@@ -592,6 +622,8 @@ class Service:
         for attempt in range(attempts):
             try:
                 await self.status.deliver(live.job, saved, self._caption)
+            except CancelledError:
+                return  # withdrawn unsent by ``cancel``, which records the end
             except UnreachableError as err:
                 _log.warning("job %s: chat unreachable: %s", job.id, err)
                 await self._end(live, JobState.FAILED, f"the chat could not be reached: {err}", notify=False)
@@ -601,6 +633,7 @@ class Service:
                     _log.error("job %s: delivery failed %d times, giving up: %s", job.id, attempts, err)
                     await self._end(live, JobState.FAILED, "the result could not be delivered")
                     return
+                live.tried = True
                 delay = self._backoff[attempt]
                 if not isinstance(err, DeliveryError):
                     _log.exception("job %s: delivery attempt %d failed", job.id, attempt + 1)
