@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from bot.domain import DrawRequest, ModelProfile, SourceImage
 from bot.errors import RequestError
+from bot.words import find_blocked as find_blocked  # re-exported: callers import it from here
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -345,18 +346,3 @@ def _strength(
 def parse_draw(text: str, profile: ModelProfile, limits: Limits) -> DrawRequest:
     """Parse and validate the text after ``/draw``."""
     return build_request(split_flags(text), profile, limits)
-
-
-def find_blocked(text: str, words: Iterable[str]) -> str | None:
-    """The first blocked word found in ``text`` (whole words for Latin text, substrings otherwise)."""
-    lowered = text.casefold()
-    for word in words:
-        w = word.strip().casefold()
-        if not w:
-            continue
-        if w.isascii():
-            if re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", lowered):
-                return word.strip()
-        elif w in lowered:
-            return word.strip()
-    return None

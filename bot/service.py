@@ -59,7 +59,6 @@ from bot.grammar import (
     RawOptions,
     build_request,
     check_strength,
-    find_blocked,
     parse_draw,
     precheck_picture_request,
     split_flags,
@@ -67,6 +66,7 @@ from bot.grammar import (
 from bot.inputs import check_picture, check_size
 from bot.ports import CreditPolicy, Generator, ImageSink, Rendered, SourceKeeper, Store, Transport
 from bot.status import StatusEngine
+from bot.words import find_blocked
 
 _log = logging.getLogger(__name__)
 
