@@ -305,6 +305,29 @@ def build_request(
     )
 
 
+def check_request(request: DrawRequest, profile: ModelProfile, limits: Limits) -> None:
+    """Check a request made earlier (a reroll's, a variation's, a recovered job's) against today's
+    model and limits: the operator may have lowered a limit or changed the model since.
+
+    Raises ``RequestError`` naming the first value that no longer fits.
+    """
+    if len(request.prompt) > limits.max_prompt_chars:
+        raise RequestError(
+            f"the prompt has {len(request.prompt):,} characters; the limit is {limits.max_prompt_chars:,}"
+        )
+    if len(request.negative_prompt) > limits.max_prompt_chars:
+        raise RequestError(
+            f"--no has {len(request.negative_prompt):,} characters; the limit is {limits.max_prompt_chars:,}"
+        )
+    _check_size("size", f"{request.width}x{request.height}", request.width, request.height, profile, limits)
+    _int("steps", request.steps, 1, limits.max_steps)
+    _int("n", request.count, 1, limits.max_images)
+    _float("cfg", request.guidance, 0.0, profile.max_guidance)
+    if request.source is not None or request.strength is not None:
+        check_strength(request.strength if request.strength is not None else DEFAULT_STRENGTH,
+                       request.steps, profile)  # fmt: skip
+
+
 def check_strength(value: str | float, steps: int, profile: ModelProfile) -> float:
     """A valid ``--strength`` for ``steps`` on ``profile``: in range, and running at least one step."""
     if profile.img2img is None:

@@ -119,6 +119,21 @@ def too_late_text(job: Job) -> str:
     return f"job {job.id} has already finished ({job.state.value})"
 
 
+def no_longer_fits_text(reason: str) -> str:
+    """A stored request (a reroll's, a variation's, a resumed job's) over today's limits or model."""
+    return f"its settings no longer fit this bot ({reason.rstrip('.')})"
+
+
+def not_again_text(job: Job, reason: str) -> str:
+    """A reroll or variation refused because the old job's settings no longer fit."""
+    return f"job {job.id} cannot be drawn again: {reason}"
+
+
+def model_changed_text(job: Job, model: str) -> str:
+    """A job resumed after a restart that was asked of another model."""
+    return f"it was asked of the model {job.model}, and the bot now runs {model}"
+
+
 def balance_text(balance: Balance, refill: str) -> str:
     if balance.unlimited:
         return "You are an admin: drawing is free and unlimited for you."

@@ -58,6 +58,7 @@ from bot.grammar import (
     Limits,
     RawOptions,
     build_request,
+    check_request,
     check_strength,
     parse_draw,
     precheck_picture_request,
@@ -238,6 +239,13 @@ class Service:
 
     # ------------------------------------------------------------------ submit
 
+    def _recheck(self, job: Job, request: DrawRequest) -> None:
+        """A stored request against the current model and limits; ``RequestError`` says what no longer fits."""
+        try:
+            check_request(request, self.profile, self.limits)
+        except RequestError as err:
+            raise RequestError(messages.not_again_text(job, messages.no_longer_fits_text(str(err)))) from None
+
     def _check_content(self, request: DrawRequest, *, nsfw_allowed: bool) -> None:
         # Only the prompt: a negative prompt that names a word asks for its absence.
         word = find_blocked(request.prompt, self.settings.blocked_words)
@@ -321,6 +329,7 @@ class Service:
         """The same settings with a new seed, charged to ``actor``."""
         job = await self.job(job_id)
         request = replace(job.request, seed=None, notes=())
+        self._recheck(job, request)
         return await self.submit(
             actor, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
         )
@@ -387,6 +396,7 @@ class Service:
         strength = check_strength(strength, job.request.steps, self.profile)
         source = await self.keep_picture(await self.result_picture(job.id))
         request = replace(job.request, seed=None, count=1, notes=(), strength=strength, source=source.ref)
+        self._recheck(job, request)
         return await self.submit(
             actor, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
         )
@@ -689,6 +699,11 @@ class Service:
                 self._spawn(self._deliver(live, saved), f"redeliver-{job.id}")
                 continue
             live.job = replace(job, state=JobState.QUEUED, started_at=None)
+            reason = self._unfit(job)
+            if reason is not None:
+                _log.warning("job %s: not resumed: %s", job.id, reason)
+                await self._end(live, JobState.FAILED, reason)
+                continue
             record = await self.store.get_user(job.user)
             self._queue.push(job.id, job.user.key, job.gpu_seconds, weight=record.weight if record else 1.0)
             left = None if job.free else (await self.store.balance(job.user, self._policy())).available
@@ -697,6 +712,17 @@ class Service:
             _log.info("recovered %d unfinished job(s)", count)
             self._dispatcher.wake()
         return count
+
+    def _unfit(self, job: Job) -> str | None:
+        """Why a recovered job can no longer run as it was asked (model, limits, words), or None."""
+        if job.model != self.profile.name:
+            return messages.model_changed_text(job, self.profile.name)
+        try:
+            check_request(job.request, self.profile, self.limits)
+            self._check_content(job.request, nsfw_allowed=True)
+        except RequestError as err:
+            return messages.no_longer_fits_text(str(err))
+        return None
 
     # ------------------------------------------------------------------ admin
 
