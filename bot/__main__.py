@@ -55,7 +55,8 @@ async def serve(settings: Settings, *, console: bool) -> None:
     tokens = settings.tokens_set()
     use_console = console or not any(tokens.values())
     async with contextlib.AsyncExitStack() as stack:
-        store = await stack.enter_async_context(SqliteStore(settings.db_path))
+        # exclusive: a second bot on the same DB_PATH stops here with one line, before loading anything
+        store = await stack.enter_async_context(SqliteStore(settings.db_path, exclusive=True))
         _log.info("loading model %s ...", settings.model)
         worker = await stack.enter_async_context(Worker(settings))
         service = Service(

@@ -610,10 +610,21 @@ class Service:
         loop = asyncio.get_running_loop()
         try:
             saved = await loop.run_in_executor(self._encoder, self._sink.save, job, rendered)
-            await self.store.mark_generated(job.id, [s.path for s in saved])
+        except OSError as err:
+            # a full or unwritable OUTPUT_DIR: one line for the operator; the next job tries again
+            _log.error("job %s: the images could not be saved in %s: %s", job.id, self.settings.output_dir,
+                       err.strerror or err)  # fmt: skip
+            await self._end(live, JobState.FAILED, messages.SAVE_FAILED)
+            return
         except Exception:
             _log.exception("job %s: saving the images failed", job.id)
-            await self._end(live, JobState.FAILED, "the images could not be saved")
+            await self._end(live, JobState.FAILED, messages.SAVE_FAILED)
+            return
+        try:
+            await self.store.mark_generated(job.id, [s.path for s in saved])
+        except Exception:
+            _log.exception("job %s: the saved images could not be recorded", job.id)
+            await self._end(live, JobState.FAILED, "the result could not be recorded")
             return
         if live.cancelled_by is not None:
             # cancelled while saving: nothing was sent yet, so the cancel holds

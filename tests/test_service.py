@@ -57,9 +57,10 @@ class Harness:
         self.hub = RecordingHub()
         self.gen: Any = ScriptedGenerator()
         self.sink: Any = None  # None: a real ImageStore in the output folder
+        self.store_options: dict[str, Any] = {}
 
     async def open(self) -> Service:
-        self.store = SqliteStore(self.settings.db_path)
+        self.store = SqliteStore(self.settings.db_path, **self.store_options)
         await self.store.start()
         self.service = Service(
             settings=self.settings,
