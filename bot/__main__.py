@@ -88,16 +88,24 @@ async def serve(settings: Settings, *, console: bool) -> None:
             return
         await service.recover()
         _log.info("brushbot is running; Ctrl+C stops it (unfinished jobs resume on the next start)")
-        await _until_signalled()
+        hurry = await _until_signalled()
+        # the running image and the results owed get SHUTDOWN_GRACE seconds (a second signal: none)
+        await service.drain(settings.shutdown_grace, hurry)
 
 
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
+async def _until_signalled() -> asyncio.Event:
+    """Wait for SIGINT or SIGTERM; the event returned is set by a second one."""
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, signalled)
     await stop.wait()
+    return hurry
 
 
 # ---------------------------------------------------------------------------------- draw

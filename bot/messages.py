@@ -232,6 +232,7 @@ def info_text(job: Job) -> str:
 # ---------------------------------------------------------------------- a job's end, the board
 
 RESUMED = "Resumed after a restart."
+SHUTTING_DOWN = "the bot is restarting, so nothing was queued; try again in a minute"
 SAVE_FAILED = "the bot could not save the picture (its disk is full or not writable); try again later"
 NOTHING_TO_CANCEL = "you have no queued or running job; /jobs lists your jobs"
 

@@ -50,6 +50,7 @@ from bot.errors import (
     NotAuthorizedError,
     NotFoundError,
     QueueFullError,
+    RefusedError,
     RequestError,
     UnreachableError,
 )
@@ -120,6 +121,9 @@ class Service:
         self._live: dict[str, _Live] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        #: set whenever a job ends (``drain`` re-checks what is left)
+        self._ended = asyncio.Event()
+        self._draining = False
         self.status = StatusEngine(
             progress_interval=settings.progress_interval,
             group_progress_interval=settings.group_progress_interval,
@@ -159,6 +163,46 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._encoder.shutdown(wait=True, cancel_futures=True)
+
+    async def drain(self, grace: float, hurry: asyncio.Event | None = None) -> bool:
+        """Stop taking jobs, then let what is drawing or being delivered finish, for ``grace`` seconds.
+
+        New submits are refused and queued jobs stay queued in the store for the next start. Returns
+        True when every started job ended and every chat was told in time; False when ``grace`` ran
+        out (or ``hurry`` was set): ``close()`` then interrupts what is left, to resume on the next start.
+        """
+        self._draining = True
+        started = [live for live in self._live.values() if live.job.state is not JobState.QUEUED]
+        _log.info("shutting down: stopping intake; %d started job(s) may finish within %.0fs",
+                  len(started), grace)  # fmt: skip
+
+        async def settled() -> None:
+            while any(live.job.state is not JobState.QUEUED for live in self._live.values()):
+                self._ended.clear()
+                await self._ended.wait()
+            await self.status.flushed()
+
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(settled())]
+        if hurry is not None:
+            waiters.append(asyncio.ensure_future(hurry.wait()))
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        finished = waiters[0] in done
+        left = sum(1 for live in self._live.values() if live.job.state is not JobState.QUEUED)
+        queued = len(self._live) - left
+        if finished:
+            _log.info(
+                "shutting down: started jobs finished; %d queued job(s) wait for the next start", queued
+            )
+        else:
+            _log.warning(
+                "shutting down: %d started and %d queued job(s) resume on the next start", left, queued
+            )
+        return finished
 
     async def wait_idle(self) -> None:
         """Wait until every job has reached a final state and every chat has been told."""
@@ -265,6 +309,8 @@ class Service:
         nsfw_allowed: bool = True,
     ) -> Ticket:
         """Validate, check bans and limits, reserve credits, persist and queue one job."""
+        if self._draining or self._closing:
+            raise RefusedError(messages.SHUTTING_DOWN)
         self._check_content(request, nsfw_allowed=nsfw_allowed)
         async with self._submit_lock:
             record = await self.store.touch_user(user, user_name)
@@ -524,7 +570,8 @@ class Service:
         # No await between these checks and the decision: the job cannot change phase meanwhile.
         if live.cancelled_by is not None:
             return live.job  # already stopping
-        if self._queue.remove(job_id):
+        if live.job.state is JobState.QUEUED:  # not started (while shutting down, no longer in the queue)
+            self._queue.remove(job_id)
             live.cancelled_by = f"cancelled by {who}"
             await self._end(live, JobState.CANCELLED, live.cancelled_by)
             return live.job
@@ -544,8 +591,8 @@ class Service:
 
     async def _execute(self, worker: Generator, job_id: str) -> None:
         live = self._live.get(job_id)
-        if live is None:
-            self._queue.done(job_id)
+        if live is None or self._draining:
+            self._queue.done(job_id)  # shutting down: a queued job stays queued in the store
             return
         started = self._clock()
         live.started = time.perf_counter()
@@ -687,6 +734,7 @@ class Service:
         finally:
             self.status.ended(job.id)
             self._live.pop(job.id, None)
+            self._ended.set()
             if not self._live:
                 self._idle.set()
 
