@@ -72,6 +72,8 @@ from bot.words import find_blocked
 
 _log = logging.getLogger(__name__)
 
+#: the recorded reason of a job cancelled once the GPU had taken it
+_DRAWING_CANCELLED = "cancelled while drawing"
 #: seconds between delivery attempts; the last failure ends the job failed and refunded
 DELIVERY_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
 
@@ -609,7 +611,7 @@ class Service:
         try:
             rendered = await worker.generate(job.request, job.seeds, on_step=on_step, cancel=live.cancel)
         except CancelledError:
-            failure = (JobState.CANCELLED, live.cancelled_by or "cancelled while drawing")
+            failure = (JobState.CANCELLED, _DRAWING_CANCELLED)
         except GenerationError as err:
             _log.warning("job %s failed: %s", job_id, err)
             failure = (JobState.FAILED, str(err))
@@ -633,7 +635,7 @@ class Service:
         self._learn_speed(job, rendered)
         if live.cancelled_by is not None:
             # cancelled during the decode, after the last step: the cancel was promised, keep it
-            await self._end(live, JobState.CANCELLED, live.cancelled_by)
+            await self._end(live, JobState.CANCELLED, _DRAWING_CANCELLED)
             return
         # Saving and delivery happen elsewhere: the dispatcher can start the next job now.
         self._spawn(self._finish(live, rendered), f"finish-{job_id}")
@@ -675,7 +677,7 @@ class Service:
             return
         if live.cancelled_by is not None:
             # cancelled while saving: nothing was sent yet, so the cancel holds
-            await self._end(live, JobState.CANCELLED, live.cancelled_by)
+            await self._end(live, JobState.CANCELLED, _DRAWING_CANCELLED)
             return
         # from here on a cancel is answered "too late" once the result's send has begun
         live.job = replace(live.job, state=JobState.DELIVERING, outputs=tuple(s.path for s in saved))
