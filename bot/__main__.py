@@ -86,15 +86,17 @@ async def serve(settings: Settings, *, console: bool) -> None:
             await service.recover()
             await adapter.run()
             return
+        # from here on a signal is a graceful stop, also while the unfinished jobs are taken back
+        stop, hurry = _on_signals()
         await service.recover()
         _log.info("brushbot is running; Ctrl+C stops it (unfinished jobs resume on the next start)")
-        hurry = await _until_signalled()
+        await stop.wait()
         # the running image and the results owed get SHUTDOWN_GRACE seconds (a second signal: none)
         await service.drain(settings.shutdown_grace, hurry)
 
 
-async def _until_signalled() -> asyncio.Event:
-    """Wait for SIGINT or SIGTERM; the event returned is set by a second one."""
+def _on_signals() -> tuple[asyncio.Event, asyncio.Event]:
+    """Handle SIGINT and SIGTERM: the first sets the first event, a second one the second."""
     stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -104,8 +106,7 @@ async def _until_signalled() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, signalled)
-    await stop.wait()
-    return hurry
+    return stop, hurry
 
 
 # ---------------------------------------------------------------------------------- draw
