@@ -234,6 +234,7 @@ def info_text(job: Job) -> str:
 RESUMED = "Resumed after a restart."
 SHUTTING_DOWN = "the bot is restarting, so nothing was queued; try again in a minute"
 SAVE_FAILED = "the bot could not save the picture (its disk is full or not writable); try again later"
+RECORD_FAILED = "the bot could not record the finished picture in its database; try again later"
 NOTHING_TO_CANCEL = "you have no queued or running job; /jobs lists your jobs"
 
 

@@ -673,7 +673,7 @@ class Service:
             await self.store.mark_generated(job.id, [s.path for s in saved])
         except Exception:
             _log.exception("job %s: the saved images could not be recorded", job.id)
-            await self._end(live, JobState.FAILED, "the result could not be recorded")
+            await self._end(live, JobState.FAILED, messages.RECORD_FAILED)
             return
         if live.cancelled_by is not None:
             # cancelled while saving: nothing was sent yet, so the cancel holds
