@@ -149,6 +149,9 @@ class Settings(BaseSettings):
     #: a chat whose results would wait longer than this for its message budget lets other chats'
     #: jobs use the GPU first (0: draw in fair order regardless)
     delivery_ahead: float = Field(10.0, ge=0)
+    #: on SIGTERM, seconds the running image and the deliveries owed get to finish before the
+    #: bot exits anyway (what is left resumes on the next start)
+    shutdown_grace: float = Field(30.0, ge=0, le=3600)
     log_level: str = "INFO"
 
     @field_validator("admin_ids", "blocked_words", "nsfw_words", mode="before")

@@ -98,12 +98,40 @@ def job_seconds(job: Job, now: float | None = None) -> float | None:
 
 
 def cancel_text(job: Job) -> str:
-    """The answer to a cancel: done at once for a queued job, refunded when a running one stops."""
+    """The answer to a cancel: done at once for a queued job, refunded when a running one stops.
+
+    A cancel answered "stopping" is always honoured: a result drawn after it is thrown away.
+    """
     if job.state is JobState.CANCELLED:
         return f"Cancelled job {job.id}." + ("" if job.free else f" {job.credits} credit(s) refunded.")
     if job.free:
         return f"Stopping job {job.id}."
     return f"Stopping job {job.id}; its credits are refunded when it stops."
+
+
+def too_late_text(job: Job) -> str:
+    """The answer to a cancel that came after the result was drawn and already on its way (or sent)."""
+    charged = "" if job.free else f"; its {job.credits} credit(s) stay charged"
+    if job.state is JobState.DELIVERED:
+        return f"too late to cancel job {job.id}: it was already delivered{charged}"
+    if job.state is JobState.DELIVERING:
+        return f"too late to cancel job {job.id}: it is already done and being delivered{charged}"
+    return f"job {job.id} has already finished ({job.state.value})"
+
+
+def no_longer_fits_text(reason: str) -> str:
+    """A stored request (a reroll's, a variation's, a resumed job's) over today's limits or model."""
+    return f"its settings no longer fit this bot ({reason.rstrip('.')})"
+
+
+def not_again_text(job: Job, reason: str) -> str:
+    """A reroll or variation refused because the old job's settings no longer fit."""
+    return f"job {job.id} cannot be drawn again: {reason}"
+
+
+def model_changed_text(job: Job, model: str) -> str:
+    """A job resumed after a restart that was asked of another model."""
+    return f"it was asked of the model {job.model}, and the bot now runs {model}"
 
 
 def balance_text(balance: Balance, refill: str) -> str:
@@ -204,6 +232,9 @@ def info_text(job: Job) -> str:
 # ---------------------------------------------------------------------- a job's end, the board
 
 RESUMED = "Resumed after a restart."
+SHUTTING_DOWN = "the bot is restarting, so nothing was queued; try again in a minute"
+SAVE_FAILED = "the bot could not save the picture (its disk is full or not writable); try again later"
+RECORD_FAILED = "the bot could not record the finished picture in its database; try again later"
 NOTHING_TO_CANCEL = "you have no queued or running job; /jobs lists your jobs"
 
 

@@ -51,6 +51,7 @@ from bot.errors import (
     NotAuthorizedError,
     NotFoundError,
     QueueFullError,
+    RefusedError,
     RequestError,
     UnreachableError,
 )
@@ -59,8 +60,8 @@ from bot.grammar import (
     Limits,
     RawOptions,
     build_request,
+    check_request,
     check_strength,
-    find_blocked,
     parse_draw,
     precheck_picture_request,
     split_flags,
@@ -68,9 +69,12 @@ from bot.grammar import (
 from bot.inputs import check_picture, check_size
 from bot.ports import CreditPolicy, Generator, ImageSink, Rendered, SourceKeeper, Store, Transport
 from bot.status import StatusEngine
+from bot.words import find_blocked
 
 _log = logging.getLogger(__name__)
 
+#: the recorded reason of a job cancelled once the GPU had taken it
+_DRAWING_CANCELLED = "cancelled while drawing"
 #: seconds between delivery attempts; the last failure ends the job failed and refunded
 DELIVERY_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
 
@@ -83,6 +87,10 @@ class _Live:
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
     progress: Progress | None = None
+    #: why a user's (or admin's) cancel was accepted; once set, no result of this job is delivered
+    cancelled_by: str | None = None
+    #: a delivery attempt failed: part of the result may have reached the chat, so a cancel is too late
+    tried: bool = False
 
 
 class Service:
@@ -116,6 +124,9 @@ class Service:
         self._live: dict[str, _Live] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        #: set whenever a job ends (``drain`` re-checks what is left)
+        self._ended = asyncio.Event()
+        self._draining = False
         self.status = StatusEngine(
             progress_interval=settings.progress_interval,
             group_progress_interval=settings.group_progress_interval,
@@ -155,6 +166,46 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._encoder.shutdown(wait=True, cancel_futures=True)
+
+    async def drain(self, grace: float, hurry: asyncio.Event | None = None) -> bool:
+        """Stop taking jobs, then let what is drawing or being delivered finish, for ``grace`` seconds.
+
+        New submits are refused and queued jobs stay queued in the store for the next start. Returns
+        True when every started job ended and every chat was told in time; False when ``grace`` ran
+        out (or ``hurry`` was set): ``close()`` then interrupts what is left, to resume on the next start.
+        """
+        self._draining = True
+        started = [live for live in self._live.values() if live.job.state is not JobState.QUEUED]
+        _log.info("shutting down: stopping intake; %d started job(s) may finish within %.0fs",
+                  len(started), grace)  # fmt: skip
+
+        async def settled() -> None:
+            while any(live.job.state is not JobState.QUEUED for live in self._live.values()):
+                self._ended.clear()
+                await self._ended.wait()
+            await self.status.flushed()
+
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(settled())]
+        if hurry is not None:
+            waiters.append(asyncio.ensure_future(hurry.wait()))
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        finished = waiters[0] in done
+        left = sum(1 for live in self._live.values() if live.job.state is not JobState.QUEUED)
+        queued = len(self._live) - left
+        if finished:
+            _log.info(
+                "shutting down: started jobs finished; %d queued job(s) wait for the next start", queued
+            )
+        else:
+            _log.warning(
+                "shutting down: %d started and %d queued job(s) resume on the next start", left, queued
+            )
+        return finished
 
     async def wait_idle(self) -> None:
         """Wait until every job has reached a final state and every chat has been told."""
@@ -235,6 +286,13 @@ class Service:
 
     # ------------------------------------------------------------------ submit
 
+    def _recheck(self, job: Job, request: DrawRequest) -> None:
+        """A stored request against the current model and limits; ``RequestError`` says what no longer fits."""
+        try:
+            check_request(request, self.profile, self.limits)
+        except RequestError as err:
+            raise RequestError(messages.not_again_text(job, messages.no_longer_fits_text(str(err)))) from None
+
     def _check_content(self, request: DrawRequest, *, nsfw_allowed: bool) -> None:
         # Only the prompt: a negative prompt that names a word asks for its absence.
         word = find_blocked(request.prompt, self.settings.blocked_words)
@@ -254,6 +312,8 @@ class Service:
         nsfw_allowed: bool = True,
     ) -> Ticket:
         """Validate, check bans and limits, reserve credits, persist and queue one job."""
+        if self._draining or self._closing:
+            raise RefusedError(messages.SHUTTING_DOWN)
         self._check_content(request, nsfw_allowed=nsfw_allowed)
         async with self._submit_lock:
             record = await self.store.touch_user(user, user_name)
@@ -318,6 +378,7 @@ class Service:
         """The same settings with a new seed, charged to ``actor``."""
         job = await self.job(job_id)
         request = replace(job.request, seed=None, notes=())
+        self._recheck(job, request)
         return await self.submit(
             actor, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
         )
@@ -391,6 +452,7 @@ class Service:
         strength = check_strength(strength, job.request.steps, self.profile)
         source = await self.keep_picture(await self.result_picture(job.id))
         request = replace(job.request, seed=None, count=1, notes=(), strength=strength, source=source.ref)
+        self._recheck(job, request)
         return await self.submit(
             actor, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
         )
@@ -498,21 +560,39 @@ class Service:
         return max(mine, key=lambda job: job.created_at).id
 
     async def cancel(self, actor: UserRef, job_id: str | None = None, *, vouched: bool = False) -> Job:
-        """Cancel a queued job (refunded at once) or interrupt a running one (refunded when it stops).
+        """Cancel a job, truthfully: honoured (nothing delivered, refunded) or refused as too late.
 
-        Without a job id, the caller's newest unfinished job.
+        A queued job, or one whose result still waits unsent in its chat's outbox, is cancelled
+        and refunded at once (the returned job is CANCELLED). A drawing job (denoising, decoding
+        or being saved) is interrupted; whatever it still produces is thrown away and it is
+        refunded when it stops (the returned job is RUNNING). Once a send of the result has
+        begun, ``RequestError`` says it is too late. Without a job id, the caller's newest
+        unfinished job.
         """
         job_id = job_id.strip() if job_id else self._newest_cancellable(actor)
         job = await self.job(job_id)
         if job.user != actor and not self.is_admin(actor, vouched=vouched):
             raise NotAuthorizedError("you can only cancel your own jobs")
         live = self._live.get(job_id)
-        if live is None or not job.state.cancellable:
-            raise RequestError(f"job {job_id} has already finished ({job.state.value})")
+        if live is None or live.job.state.final:
+            raise RequestError(messages.too_late_text(job))
         who = "you" if actor == job.user else "an admin"
-        if self._queue.remove(job_id):
-            await self._end(live, JobState.CANCELLED, f"cancelled by {who}")
+        # No await between these checks and the decision: the job cannot change phase meanwhile.
+        if live.cancelled_by is not None:
+            return live.job  # already stopping
+        if live.job.state is JobState.QUEUED:  # not started (while shutting down, no longer in the queue)
+            self._queue.remove(job_id)
+            live.cancelled_by = f"cancelled by {who}"
+            await self._end(live, JobState.CANCELLED, live.cancelled_by)
             return live.job
+        if live.job.state is JobState.DELIVERING:
+            if live.tried or not self.status.withdraw(job_id):
+                raise RequestError(messages.too_late_text(live.job))
+            live.cancelled_by = f"cancelled by {who}"
+            _log.info("job %s: result withdrawn before sending, cancelled by %s", job_id, actor.key)
+            await self._end(live, JobState.CANCELLED, live.cancelled_by)
+            return live.job
+        live.cancelled_by = f"cancelled by {who}"
         live.cancel.set()
         _log.info("job %s: cancel requested by %s", job_id, actor.key)
         return live.job
@@ -521,8 +601,8 @@ class Service:
 
     async def _execute(self, worker: Generator, job_id: str) -> None:
         live = self._live.get(job_id)
-        if live is None:
-            self._queue.done(job_id)
+        if live is None or self._draining:
+            self._queue.done(job_id)  # shutting down: a queued job stays queued in the store
             return
         started = self._clock()
         live.started = time.perf_counter()
@@ -539,7 +619,7 @@ class Service:
         try:
             rendered = await worker.generate(job.request, job.seeds, on_step=on_step, cancel=live.cancel)
         except CancelledError:
-            failure = (JobState.CANCELLED, "cancelled while drawing")
+            failure = (JobState.CANCELLED, _DRAWING_CANCELLED)
         except GenerationError as err:
             _log.warning("job %s failed: %s", job_id, err)
             failure = (JobState.FAILED, str(err))
@@ -561,6 +641,10 @@ class Service:
             return
         assert rendered is not None
         self._learn_speed(job, rendered)
+        if live.cancelled_by is not None:
+            # cancelled during the decode, after the last step: the cancel was promised, keep it
+            await self._end(live, JobState.CANCELLED, _DRAWING_CANCELLED)
+            return
         # Saving and delivery happen elsewhere: the dispatcher can start the next job now.
         self._spawn(self._finish(live, rendered), f"finish-{job_id}")
 
@@ -583,12 +667,28 @@ class Service:
         loop = asyncio.get_running_loop()
         try:
             saved = await loop.run_in_executor(self._encoder, self._sink.save, job, rendered)
-            await self.store.mark_generated(job.id, [s.path for s in saved])
+        except OSError as err:
+            # a full or unwritable OUTPUT_DIR: one line for the operator; the next job tries again
+            _log.error("job %s: the images could not be saved in %s: %s", job.id, self.settings.output_dir,
+                       err.strerror or err)  # fmt: skip
+            await self._end(live, JobState.FAILED, messages.SAVE_FAILED)
+            return
         except Exception:
             _log.exception("job %s: saving the images failed", job.id)
-            await self._end(live, JobState.FAILED, "the images could not be saved")
+            await self._end(live, JobState.FAILED, messages.SAVE_FAILED)
             return
-        live.job = replace(job, state=JobState.DELIVERING, outputs=tuple(s.path for s in saved))
+        try:
+            await self.store.mark_generated(job.id, [s.path for s in saved])
+        except Exception:
+            _log.exception("job %s: the saved images could not be recorded", job.id)
+            await self._end(live, JobState.FAILED, messages.RECORD_FAILED)
+            return
+        if live.cancelled_by is not None:
+            # cancelled while saving: nothing was sent yet, so the cancel holds
+            await self._end(live, JobState.CANCELLED, _DRAWING_CANCELLED)
+            return
+        # from here on a cancel is answered "too late" once the result's send has begun
+        live.job = replace(live.job, state=JobState.DELIVERING, outputs=tuple(s.path for s in saved))
         await self._deliver(live, saved)
 
     async def _deliver(self, live: _Live, saved: Sequence[SavedImage]) -> None:
@@ -600,6 +700,8 @@ class Service:
         for attempt in range(attempts):
             try:
                 await self.status.deliver(live.job, saved, self._caption)
+            except CancelledError:
+                return  # withdrawn unsent by ``cancel``, which records the end
             except MessageRefusedError as err:  # the chat is there: tell the requester in a line of text
                 _log.warning("job %s: the result was refused: %s", job.id, err)
                 await self._end(live, JobState.FAILED, f"the result could not be posted: {err}")
@@ -613,6 +715,7 @@ class Service:
                     _log.error("job %s: delivery failed %d times, giving up: %s", job.id, attempts, err)
                     await self._end(live, JobState.FAILED, "the result could not be delivered")
                     return
+                live.tried = True
                 delay = self._backoff[attempt]
                 if not isinstance(err, DeliveryError):
                     _log.exception("job %s: delivery attempt %d failed", job.id, attempt + 1)
@@ -645,6 +748,7 @@ class Service:
         finally:
             self.status.ended(job.id)
             self._live.pop(job.id, None)
+            self._ended.set()
             if not self._live:
                 self._idle.set()
 
@@ -668,6 +772,11 @@ class Service:
                 self._spawn(self._deliver(live, saved), f"redeliver-{job.id}")
                 continue
             live.job = replace(job, state=JobState.QUEUED, started_at=None)
+            reason = self._unfit(job)
+            if reason is not None:
+                _log.warning("job %s: not resumed: %s", job.id, reason)
+                await self._end(live, JobState.FAILED, reason)
+                continue
             record = await self.store.get_user(job.user)
             self._queue.push(job.id, job.user.key, job.gpu_seconds, weight=record.weight if record else 1.0)
             left = None if job.free else (await self.store.balance(job.user, self._policy())).available
@@ -676,6 +785,17 @@ class Service:
             _log.info("recovered %d unfinished job(s)", count)
             self._dispatcher.wake()
         return count
+
+    def _unfit(self, job: Job) -> str | None:
+        """Why a recovered job can no longer run as it was asked (model, limits, words), or None."""
+        if job.model != self.profile.name:
+            return messages.model_changed_text(job, self.profile.name)
+        try:
+            check_request(job.request, self.profile, self.limits)
+            self._check_content(job.request, nsfw_allowed=True)
+        except RequestError as err:
+            return messages.no_longer_fits_text(str(err))
+        return None
 
     # ------------------------------------------------------------------ admin
 

@@ -39,7 +39,7 @@ from typing import Any
 from bot import messages
 from bot.budget import Budget
 from bot.domain import Job, Progress, SavedImage, Ticket
-from bot.errors import RateLimitedError
+from bot.errors import CancelledError, RateLimitedError
 from bot.ports import Lane, LaneKind, Phase, Transport
 
 _log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class _Op:
     done: asyncio.Future[None] | None = None
     #: for messages whose cost is known only when they go (the board: posting 1, removing 0)
     cost_fn: Callable[[], int] | None = None
+    #: its send was tried once (a 429 puts it back): part of it may have reached the chat
+    tried: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -258,6 +260,23 @@ class StatusEngine:
 
         self._push(st, Priority.RESULT, run, cost=cost, job_id=job.id, done=done)
         await done
+
+    def withdraw(self, job_id: str) -> bool:
+        """Take back a job's result that still waits in its outbox; False once its send has begun.
+
+        The waiting ``deliver`` call raises ``bot.errors.CancelledError``.
+        """
+        st = self._job_lane.get(job_id)
+        if st is None:
+            return False
+        for op in st.ops:
+            if op.job_id == job_id and op.priority is Priority.RESULT and not op.tried:
+                st.ops.remove(op)
+                if op.done is not None and not op.done.done():
+                    op.done.set_exception(CancelledError("withdrawn before sending"))
+                self._check_idle()
+                return True
+        return False
 
     def failed(self, job: Job, text: str) -> asyncio.Future[None] | None:
         """Tell the chat how the job ended (not delivered); returns when it was said, or None."""
@@ -464,6 +483,7 @@ class StatusEngine:
             st.ops.remove(op)
             st.in_flight.append(op)
             spent = st.budget.spend(cost, now)
+            op.tried = True
             try:
                 await op.run()
             except RateLimitedError as err:
