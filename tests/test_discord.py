@@ -40,6 +40,7 @@ from tests.fakes.discord_server import (
     FakeUser,
     rendered,
 )
+from tests.support import png_header_only
 
 TOKEN = "bot-token-Zm9vYmFyYmF6cXV4LnNlY3JldC5kaXNjb3JkLnRva2Vu"
 WEBHOOK_EDIT = r"/webhooks/\d+/[^/]+/messages/\d+"
@@ -936,6 +937,7 @@ async def test_pictures_are_refused_in_one_line_with_no_credit_spent(
     noise = bytes(range(256)) * 320  # 80 kB: over the limit by its declared size
     cases = [
         (fake.upload("big.png", b"\x89PNG\r\n\x1a\n" + noise), "the limit is"),
+        (fake.upload("bomb.png", png_header_only(20000, 20000)), "over 179 megapixels"),
         (fake.upload("anim.gif", gif(), "image/gif"), "GIF"),
         (fake.upload("notes.png", b"just some text, not a picture at all"), "PNG, JPEG or WebP"),
     ]
