@@ -9,6 +9,7 @@ import io
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -458,6 +459,8 @@ async def test_a_picture_job_is_recovered_after_a_restart_and_drawn_by_the_real_
 ) -> None:
     one = Harness(tmp_path)
     one.gen.hold = True
+    # the jobs are asked of the model the next start runs (a job asked of another one is not resumed)
+    one.gen.profile = replace(PROFILE, name="tiny")
     await one.open()
     await one.draw(ALICE, "held")
     await one.gen.started.wait()
