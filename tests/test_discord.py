@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import logging
 import re
@@ -426,9 +427,11 @@ async def test_cancel_buttons_and_commands_before_and_after_a_restart(
     assert "2 job(s) waiting from 1 user(s)" in await ephemeral_answer(fake, queue)
     jobs = await fake.slash("jobs", bob)
     assert "bob waiting" in await ephemeral_answer(fake, jobs)
-    # the listing is the direct (ephemeral) answer, with a cancel button per unfinished job, newest first
-    assert jobs.callback_type == CHANNEL_MESSAGE
-    assert fake.custom_ids(jobs.callback_data) == [f"bb:cancel:{c_id}", f"bb:cancel:{b_id}"]
+    # deferred privately before the database is read; the listing replaces the "thinking…"
+    # message, with a cancel button per unfinished job, newest first
+    assert jobs.callback_type == DEFERRED_CHANNEL_MESSAGE and jobs.callback_data.get("flags", 0) & EPHEMERAL
+    listing = fake.messages[jobs.original_message_id or 0]
+    assert fake.custom_ids(listing) == [f"bb:cancel:{c_id}", f"bb:cancel:{b_id}"]
 
     nosy = await fake.click(b_status, f"bb:cancel:{b_id}", alice)
     assert "only cancel your own" in await ephemeral_answer(fake, nosy)
@@ -1018,3 +1021,53 @@ async def test_user_text_cannot_format_link_unfurl_or_mention(
     assert rendered(result["content"]).replace("<https://evil.example/claim>", "https://evil.example/claim") \
         .replace("@\u200beveryone", "@everyone").startswith(hostile)  # fmt: skip
     assert result.get("mentions", []) == [] and not result.get("mention_everyone")
+
+
+class SlowStore:
+    """The bot's store with every database call ``delay`` seconds slower (a busy disk, a big file)."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self._inner, self._delay = inner, delay
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def slowed(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(self._delay)
+            return await attr(*args, **kwargs)
+
+        return slowed
+
+
+async def test_every_command_is_acknowledged_before_a_slow_database_answers(
+    fake: FakeDiscord, make_bot: Callable[..., Any]
+) -> None:
+    bot = await make_bot()
+    alice, target = fake.add_user("alice"), fake.add_user("target")
+    await ephemeral_answer(fake, await fake.slash("credits", alice))  # known to the store
+    fake.ack_deadline = 0.5
+    bot.svc.store = SlowStore(bot.svc.store, 1.0)  # every read and write takes twice the deadline
+    calls: list[tuple[str, FakeUser, dict[str, Any]]] = [
+        ("credits", alice, {}),
+        ("jobs", alice, {}),
+        ("queue", alice, {}),
+        ("cancel", alice, {}),
+        ("help", alice, {}),
+        ("brush quota show", fake.owner, {"user": target}),
+        ("brush quota grant", fake.owner, {"user": target, "credits": 2}),
+        ("brush stats", fake.owner, {}),
+        ("draw", alice, {"prompt": "a slow fox"}),
+    ]
+    for command, user, options in calls:
+        it = await fake.slash(command, user, **options)
+        answer = await ephemeral_answer(fake, it) if command != "draw" else None
+        await fake.wait_response(it)
+        # the acknowledgement came within the deadline, before the store could answer anything
+        assert it.callback_status == 200 and it.callback_type == DEFERRED_CHANNEL_MESSAGE, (
+            command,
+            it.callback,
+        )
+        assert answer is None or answer.strip(), command
+    assert fake.errors == []

@@ -29,12 +29,27 @@ from adapters.discord.commands import Commands
 from adapters.discord.delivery import TOKEN_LIFETIME, Interaction
 from adapters.discord.errors import FIELD_TOKEN, REDACTED_LOGGERS, URL_TOKEN, ErrorHook
 from adapters.discord.transport import DiscordTransport
+from bot import messages
 from bot.config import Settings
 from bot.errors import ConfigError
 from bot.logs import guard_logs
 from bot.service import Service
 
 _log = logging.getLogger(__name__)
+
+
+class DeferringTree(app_commands.CommandTree["BrushClient"]):
+    """Every command that answers privately is deferred (privately) before its callback runs, so
+    no database read or service call can make it miss Discord's 3-second deadline. ``/draw`` and
+    "Vary this image" defer publicly themselves, after their quick checks."""
+
+    PUBLIC = frozenset({"draw", messages.VARY_MENU})
+
+    async def interaction_check(self, interaction: Interaction, /) -> bool:
+        command = interaction.command
+        if command is not None and command.name not in self.PUBLIC and not interaction.response.is_done():
+            await interaction.response.defer(ephemeral=True, thinking=True)
+        return True
 
 
 class BrushClient(discord.Client):
@@ -50,7 +65,7 @@ class BrushClient(discord.Client):
             max_messages=None, chunk_guilds_at_startup=False,
         )  # fmt: skip
         self.buttons = buttons
-        self.tree: app_commands.CommandTree[BrushClient] = app_commands.CommandTree(self)
+        self.tree: app_commands.CommandTree[BrushClient] = DeferringTree(self)
         self._setup = setup
 
     async def setup_hook(self) -> None:

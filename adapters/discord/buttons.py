@@ -170,7 +170,8 @@ class Buttons:
 
     async def cancel(self, interaction: Interaction, job_id: str | None) -> None:
         """Cancel a job (the caller's newest without an id) and say so, privately."""
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        if not interaction.response.is_done():  # a button press; the command was deferred already
+            await interaction.response.defer(ephemeral=True, thinking=True)
         job = await self.service.cancel(user_ref(interaction.user), job_id, vouched=self.vouched(interaction))
         await interaction.followup.send(inert(messages.cancel_text(job)), ephemeral=True)
 
