@@ -1,13 +1,13 @@
 """A pool of local workers, one thread per device in ``DEVICE`` (``cuda:0,cuda:1``; ``cpu,cpu`` in tests).
 
-Each ``Worker`` owns its own pipeline on its own device. They load side by side; one whose model
-cannot load is left out with one log line and the others go on. ``start_workers`` is the one
+Each ``Worker`` owns its own pipeline on its own device. They load one after another (diffusers'
+loading patches torch globally while it builds a model: two at once in one process break each
+other); one whose model cannot load is left out with one log line and the others go on. ``start_workers`` is the one
 place ``python -m bot`` builds its workers from: local threads, or Ray actors with ``WORKERS=ray``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
@@ -37,11 +37,12 @@ class LocalPool:
     """Local workers, one per entry of ``settings.devices``; an async context manager.
 
     ``workers`` holds the ones that loaded. When none did, ``start`` raises the first error.
+    ``pipeline_factories`` replace the model loader, worker ``i`` taking entry ``i % len`` (tests).
     """
 
-    def __init__(self, settings: Settings, *, pipeline_factory: PipelineFactory | None = None) -> None:
+    def __init__(self, settings: Settings, *, pipeline_factories: Sequence[PipelineFactory] = ()) -> None:
         self.settings = settings
-        self._factory = pipeline_factory
+        self._factories = list(pipeline_factories)
         self.workers: list[Worker] = []
         self.retired: list[str] = []
 
@@ -51,17 +52,18 @@ class LocalPool:
             Worker(
                 self.settings.model_copy(update={"devices": [device]}),
                 name=name,
-                pipeline_factory=self._factory,
+                pipeline_factory=self._factories[i % len(self._factories)] if self._factories else None,
             )
-            for device, name in zip(devices, worker_names(devices), strict=True)
+            for i, (device, name) in enumerate(zip(devices, worker_names(devices), strict=True))
         ]
-        results = await asyncio.gather(*(w.start() for w in candidates), return_exceptions=True)
         errors: list[BaseException] = []
-        for worker, result in zip(candidates, results, strict=True):
-            if isinstance(result, BaseException):
-                _log.error("worker %s retired: its model did not load: %s", worker.name, first_line(result))
+        for worker in candidates:
+            try:
+                await worker.start()
+            except Exception as exc:
+                _log.error("worker %s retired: its model did not load: %s", worker.name, first_line(exc))
                 self.retired.append(worker.name)
-                errors.append(result)
+                errors.append(exc)
             else:
                 self.workers.append(worker)
         if not self.workers:

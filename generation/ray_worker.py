@@ -15,12 +15,14 @@ done; the service keys credits and delivery by job id, so a rerun never charges 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -69,21 +71,31 @@ class GpuWorker:
         self._name = name
         self._factory = pipeline_factory
         self._worker: Worker | None = None
+        #: a load call may arrive twice (a retry after a restart): one loads, the other waits
+        self._loading = asyncio.Lock()
         self._draws: dict[str, _Draw] = {}
+        #: keys of jobs that ended lately: a progress call for one answers "over" at once
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     async def load(self) -> dict[str, Any]:
         """Load and warm up the model (once per process); where this worker runs."""
-        if self._worker is None:
-            worker = Worker(self._settings, name=self._name, pipeline_factory=self._factory)
-            await worker.start()
-            self._worker = worker
-        return {"pid": os.getpid(), "device": self._worker.device, "profile": self._worker.profile}
+        async with self._loading:
+            if self._worker is None:
+                worker = Worker(self._settings, name=self._name, pipeline_factory=self._factory)
+                await worker.start()
+                self._worker = worker
+        return {
+            "pid": os.getpid(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "device": self._worker.device,
+            "profile": self._worker.profile,
+        }
 
     async def draw(self, key: str, request: DrawRequest, seeds: tuple[int, ...]) -> Rendered:
         """Run one job; the images come back as PNG bytes, encoded off the GPU thread."""
         if self._worker is None:
             raise GenerationError("The image generator is still loading; try again in a moment.")
-        state = self._draws[key] = _Draw()
+        state = self._draws.setdefault(key, _Draw())
         loop = asyncio.get_running_loop()
 
         def on_step(step: int, total: int) -> None:
@@ -98,19 +110,25 @@ class GpuWorker:
             return Rendered(images=images, seeds=rendered.seeds, seconds=rendered.seconds, timings=timings)
         finally:
             del self._draws[key]
+            self._ended[key] = None
+            while len(self._ended) > 64:
+                self._ended.popitem(last=False)
             state.changed.set()
 
     async def progress(self, key: str, seen: int, wait: float) -> tuple[int, int]:
-        """(step, total) of a job once it passes step ``seen``, or after ``wait`` seconds (a long poll)."""
-        state = self._draws.get(key)
-        if state is None:
-            await asyncio.sleep(wait)  # not started yet, or over: the draw call itself will answer
-            return seen, 0
+        """(step, total) of a job once it passes step ``seen``, or after ``wait`` seconds (a long poll).
+
+        ``total`` is -1 once the job is over (the draw call itself tells how it ended).
+        """
+        if key in self._ended:
+            return seen, -1
+        # a poll may come before its job: it waits on the same record the job will use
+        state = self._draws.setdefault(key, _Draw())
         if state.step <= seen:
             state.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(state.changed.wait(), wait)
-        return state.step, state.total
+        return (seen, -1) if key in self._ended else (state.step, state.total)
 
     async def cancel(self, key: str) -> None:
         """Stop a job between two denoising steps."""
@@ -137,6 +155,8 @@ class RayWorker:
         self.name = name
         self.profile = profile
         self.pid: int | None = None
+        #: the Ray GPU ids the actor holds (empty on CPU)
+        self.gpus: list[str] = []
         self._handle = handle
         self._timeout = timeout
         self._wait = progress_wait
@@ -169,6 +189,7 @@ class RayWorker:
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
             self.pid = int(info["pid"])
+            self.gpus = list(info["gpus"])
             self.profile = info["profile"]
             self._state = WorkerState.IDLE
             _log.info("worker %s ready (pid %d, %s)", self.name, self.pid, info["device"])
@@ -195,6 +216,8 @@ class RayWorker:
         key = uuid.uuid4().hex
         self._state = WorkerState.DRAWING
         ref = self._handle.draw.remote(key, request, seeds)
+        # the watch ends by itself when the actor says the job is over (or the actor is gone):
+        # cancelling an await on a pending Ray call was seen to stall later calls for a minute
         watch = asyncio.create_task(self._watch(key, on_step, cancel), name=f"watch-{self.name}")
         try:
             rendered: Rendered = await ref
@@ -208,8 +231,9 @@ class RayWorker:
             self._state = WorkerState.DEAD
             raise WorkerLostError(f"worker {self.name} was lost: {first_line(err)}") from None
         finally:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+            await asyncio.wait({watch}, timeout=self._wait + 5)
+            if not watch.done():
+                watch.cancel()
             if self._state is WorkerState.DRAWING:
                 self._state = WorkerState.IDLE
         return rendered
@@ -222,14 +246,17 @@ class RayWorker:
             if cancel.is_set() and not cancelled:
                 cancelled = True
                 self._handle.cancel.remote(key)
-            try:
-                step, total = await asyncio.wait_for(
-                    self._handle.progress.remote(key, seen, self._wait), self._wait + self._timeout
-                )
-            except TimeoutError:
+            answer = asyncio.ensure_future(self._handle.progress.remote(key, seen, self._wait))
+            await asyncio.wait({answer}, timeout=self._wait + self._timeout)
+            if answer.done():
+                try:
+                    step, total = answer.result()
+                except RayError:
+                    return  # the actor is gone: the draw call reports it
+                if total < 0:
+                    return  # the job is over
+            else:
                 step, total = seen, 0
-            except RayError:
-                return  # the draw call reports what happened
             now = time.monotonic()
             if step > seen:
                 seen, last = step, now
@@ -246,20 +273,21 @@ class RayPool:
 
     ``RAY_ADDRESS`` empty starts a Ray on this machine (shut down on close); ``auto`` or
     ``host:port`` joins a cluster. When Ray is already initialised (tests), it is used as is.
-    ``cpus_per_worker`` is each actor's CPU request (tests use 0 to fit two cores).
+    ``cpus_per_worker`` is each actor's CPU request (tests use 0 to fit two cores);
+    ``pipeline_factories`` replace the model loader, worker ``i`` taking entry ``i % len`` (tests).
     """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        pipeline_factory: PipelineFactory | None = None,
+        pipeline_factories: Sequence[PipelineFactory] = (),
         cpus_per_worker: float = 1.0,
         progress_wait: float = 0.5,
     ) -> None:
         self.settings = settings
         self.workers: list[RayWorker] = []
-        self._factory = pipeline_factory
+        self._factories = list(pipeline_factories)
         self._cpus = cpus_per_worker
         self._wait = progress_wait
         self._owns_ray = False
@@ -296,7 +324,8 @@ class RayPool:
         )
         for index in range(count):
             name = f"ray-{index}"
-            handle = actor_class.remote(remote, name, self._factory)
+            factory = self._factories[index % len(self._factories)] if self._factories else None
+            handle = actor_class.remote(remote, name, factory)
             self.workers.append(
                 RayWorker(
                     handle,

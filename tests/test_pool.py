@@ -1,0 +1,299 @@
+"""A pool of workers: Ray actors on one real local cluster, local threads on two CPU "devices".
+
+One Ray cluster serves the whole test run (``ray_cluster``); actors ask for no CPU so they fit two
+cores, and the cluster has two logical GPUs so ``DEVICE=auto`` gets one worker per GPU. Workers
+run the tiny model through a test-only wrapper (``tests.pool_hooks``): slow steps, a poison
+prompt that kills its process, a model that never loads. Jobs, credits and images are real
+(SQLite file, PNG files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sqlite3
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot import messages
+from bot.config import Settings
+from bot.domain import JobState, UserRef
+from bot.recording import RecordingHub
+from bot.service import Service
+from data import SqliteStore
+from generation.images import EncodedImage, ImageStore
+from tests.pool_hooks import POISON, Hooked
+
+ROOT = Path(__file__).resolve().parent.parent
+ALICE = UserRef(platform="test", id="alice")
+BOB = UserRef(platform="test", id="bob")
+CAROL = UserRef(platform="test", id="carol")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """One local Ray for the whole run: 2 CPUs, 2 logical GPUs; actors import this checkout."""
+    ray = pytest.importorskip("ray")
+    # the raylet (and so every actor) inherits this: actors import this tree and tests.pool_hooks
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        _node_ip_address="127.0.0.1",
+    )
+    yield ray
+    ray.shutdown()
+
+
+def pool_settings(tmp_path: Path, model: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "_env_file": None,
+        "model": str(model),
+        "device": "cpu",
+        "workers": "ray",
+        "ray_workers": 2,
+        "warmup": False,
+        "db_path": tmp_path / "bot.sqlite3",
+        "output_dir": tmp_path / "out",
+        "model_cache_dir": tmp_path / "cache",
+        "daily_credits": 10,
+        "max_queued_per_user": 5,
+        "progress_interval": 0.05,
+        "worker_timeout": 60,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def ledger(db: Path) -> list[tuple[str, str, str | None]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT user_id, kind, job_id FROM ledger ORDER BY id").fetchall()
+
+
+class Front:
+    """The front end as ``python -m bot`` builds it, on the given workers, started on demand."""
+
+    def __init__(self, settings: Settings, workers: Sequence[Any]) -> None:
+        self.settings = settings
+        self.workers = list(workers)
+        self.hub = RecordingHub()
+        self.started: list[str] = []  # job ids in the order they first started drawing
+
+    async def open(self) -> Service:
+        self.store = SqliteStore(self.settings.db_path)
+        await self.store.start()
+        self.service = Service(
+            settings=self.settings,
+            store=self.store,
+            workers=self.workers,
+            sink=ImageStore(self.settings.output_dir, self.workers[0].profile.name),
+            delivery_backoff=(0.01,),
+        )
+        self.service.register(self.hub)
+        real_started = self.service.status.started
+
+        def started(job: Any) -> None:
+            if job.id not in self.started:
+                self.started.append(job.id)
+            real_started(job)
+
+        self.service.status.started = started  # type: ignore[method-assign]
+        return self.service
+
+    async def draw(self, user: UserRef, text: str = "a fox") -> str:
+        ticket = await self.service.submit(user, self.service.parse(text), delivery={"chat": user.id})
+        return ticket.job.id
+
+    async def settled(self) -> None:
+        async with asyncio.timeout(120):
+            await self.service.wait_idle()
+
+    async def close(self) -> None:
+        await self.service.close()
+        await self.store.close()
+
+
+@pytest.fixture(scope="session")
+def ray_pool(
+    ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[Any]:
+    """Two Ray workers for the run: ``DEVICE=auto`` on 2 logical GPUs (one each), slow steps.
+
+    Tests that kill a worker leave it restarting; the next test's dispatcher waits until it is warm.
+    """
+    from generation.ray_worker import RayPool
+
+    settings = pool_settings(
+        tmp_path_factory.mktemp("ray-pool"), tiny_model_dir, device="auto", ray_workers=0
+    )
+    pool = RayPool(
+        settings, pipeline_factories=[Hooked(step_seconds=0.1)], cpus_per_worker=0, progress_wait=0.2
+    )
+    asyncio.run(pool.start())
+    yield pool
+    asyncio.run(pool.close())
+
+
+@contextlib.asynccontextmanager
+async def front_on(settings: Settings, workers: Sequence[Any]) -> AsyncIterator[Front]:
+    front = Front(settings, workers)
+    await front.open()
+    try:
+        yield front
+    finally:
+        await front.close()
+
+
+async def until(predicate: Any, seconds: float = 60) -> None:
+    """Wait for a condition the front end reaches on its own (checked every few milliseconds)."""
+    async with asyncio.timeout(seconds):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_two_ray_workers_draw_at_once_one_per_logical_gpu(ray_pool: Any) -> None:
+    import threading
+
+    from bot.domain import DrawRequest
+
+    workers = ray_pool.workers
+    # DEVICE=auto on a cluster with 2 (logical) GPUs: one worker per GPU, each holding one
+    assert [w.name for w in workers] == ["ray-0", "ray-1"]
+    assert all([await w.ready() for w in workers])
+    assert len({w.pid for w in workers}) == 2 and sorted(len(w.gpus) for w in workers) == [1, 1]
+    assert workers[0].gpus != workers[1].gpus
+    events: list[tuple[str, int]] = []
+    request = DrawRequest(prompt="a fox", width=64, height=64, steps=4, guidance=0.0)
+
+    async def run(worker: Any, seed: int) -> Any:
+        def on_step(step: int, total: int) -> None:
+            events.append((worker.name, step))
+
+        return await worker.generate(request, (seed,), on_step=on_step, cancel=threading.Event())
+
+    results = await asyncio.gather(run(workers[0], 1), run(workers[1], 2))
+    for rendered in results:
+        (image,) = rendered.images
+        assert isinstance(image, EncodedImage) and image.png.startswith(b"\x89PNG") and image.size == (64, 64)
+        assert "encode" in rendered.timings
+    # both drew at once: each worker reported a step before the other reported its last one
+    last = {name: max(i for i, (n, _) in enumerate(events) if n == name) for name in ("ray-0", "ray-1")}
+    first = {name: min(i for i, (n, _) in enumerate(events) if n == name) for name in ("ray-0", "ray-1")}
+    assert first["ray-0"] < last["ray-1"] and first["ray-1"] < last["ray-0"]
+
+
+async def test_fair_across_the_pool_and_a_sigkilled_worker_loses_nothing(
+    ray_pool: Any, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    settings = pool_settings(tmp_path, tiny_model_dir)
+    async with front_on(settings, ray_pool.workers) as front:
+        service = front.service
+        ids = {
+            "a1": await front.draw(ALICE),
+            "a2": await front.draw(ALICE),
+            "a3": await front.draw(ALICE),
+            "b1": await front.draw(BOB),
+            "b2": await front.draw(BOB),
+            "c1": await front.draw(CAROL),  # the newcomer: after one job of each backlogged user
+        }
+        await service.start()
+        # kill -9 the worker drawing Bob's first job, in the middle of it
+        target = ids["b1"]
+        await until(lambda: (live := service._live.get(target)) is not None and live.progress is not None)
+        (name,) = [n for n, job in service.dispatcher.current.items() if job == target]
+        worker = next(w for w in front.workers if w.name == name)
+        os.kill(worker.pid, signal.SIGKILL)
+        await front.settled()
+        stats = await service.stats(UserRef(platform="test", id="admin"), vouched=True)
+    names = [{v: k for k, v in ids.items()}[j] for j in front.started]
+    # the newcomer starts after one job of each backlogged user, whichever worker is free; Alice
+    # and Bob alternate while both wait (the lost job kept its place at the head of Bob's queue)
+    assert names[:3] == ["a1", "b1", "c1"] and sorted(names) == sorted(ids)
+    for n in range(1, 6):
+        alice, bob = sum(x[0] == "a" for x in names[:n]), sum(x[0] == "b" for x in names[:n])
+        assert abs(alice - bob) <= 1 or bob == 2
+    with sqlite3.connect(settings.db_path) as conn:
+        states = dict(conn.execute("SELECT id, state FROM jobs").fetchall())
+    assert set(states.values()) == {JobState.DELIVERED.value}
+    delivered = [e.job_id for e in front.hub.events if e.kind == "delivered"]
+    assert sorted(delivered) == sorted(ids.values())  # each exactly once
+    rows = ledger(settings.db_path)
+    for job_id in ids.values():
+        assert [kind for _, kind, j in rows if j == job_id] == ["reserve", "commit"]
+    assert {k for k in stats if k.startswith("worker ")} == {"worker ray-0", "worker ray-1"}
+
+
+async def test_a_poison_job_fails_and_is_refunded_after_one_retry(
+    ray_pool: Any, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    settings = pool_settings(tmp_path, tiny_model_dir)
+    async with front_on(settings, ray_pool.workers) as front:
+        service = front.service
+        await service.start()
+        poison = await front.draw(ALICE, POISON)
+        await until(lambda: poison not in service._live, 120)
+        fine = await front.draw(BOB)  # the restarted workers draw again
+        await front.settled()
+        assert (await service.credits(ALICE)).available == 10
+    with sqlite3.connect(settings.db_path) as conn:
+        rows = dict((r[0], (r[1], r[2])) for r in conn.execute("SELECT id, state, error FROM jobs"))
+    assert rows[poison] == (JobState.FAILED.value, messages.POISON_JOB)
+    assert rows[fine][0] == JobState.DELIVERED.value
+    assert [kind for _, kind, j in ledger(settings.db_path) if j == poison] == ["reserve", "refund"]
+    assert any(messages.POISON_JOB in str(e.data) for e in front.hub.of(poison, "failed"))
+
+
+async def test_a_worker_that_cannot_load_is_retired_and_the_rest_go_on(
+    ray_cluster: Any, tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from generation.ray_worker import RayPool
+
+    settings = pool_settings(tmp_path, tiny_model_dir)
+    factories = [Hooked(broken=True), Hooked()]
+    with caplog.at_level(logging.ERROR, "generation.ray_worker"):
+        async with (
+            RayPool(settings, pipeline_factories=factories, cpus_per_worker=0) as pool,
+            front_on(settings, pool.workers) as front,
+        ):
+            service = front.service
+            await service.start()
+            ids = [await front.draw(ALICE), await front.draw(BOB)]
+            await front.settled()
+            await until(lambda: service.dispatcher.alive == 1)
+            stats = await service.stats(UserRef(platform="test", id="admin"), vouched=True)
+    assert stats["worker ray-0"].startswith("retired") and not stats["worker ray-1"].startswith("retired")
+    assert sorted(e.job_id for e in front.hub.events if e.kind == "delivered") == sorted(ids)
+    retired = [r for r in caplog.records if "retired" in r.getMessage()]
+    assert len(retired) == 1 and "a test model that never loads" in retired[0].getMessage()
+
+
+async def test_workers_local_with_two_cpu_devices(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from generation.pool import LocalPool
+
+    three_devices = pool_settings(tmp_path, tiny_model_dir, workers="local", device="cpu,cpu,cpu")
+    factories = [Hooked(), Hooked(broken=True), Hooked()]
+    async with LocalPool(three_devices, pipeline_factories=factories) as three:
+        # a device whose model cannot load is left out; the others serve
+        assert [w.name for w in three.workers] == ["cpu", "cpu-3"] and three.retired == ["cpu-2"]
+    settings = pool_settings(tmp_path, tiny_model_dir, workers="local", device="cpu,cpu")
+    async with LocalPool(settings) as pool:
+        assert [w.name for w in pool.workers] == ["cpu", "cpu-2"]
+        assert len({w.thread_ident for w in pool.workers}) == 2
+        front = Front(settings, pool.workers)
+        service = await front.open()
+        ids = [await front.draw(ALICE), await front.draw(BOB), await front.draw(CAROL)]
+        await service.start()
+        await front.settled()
+        stats = await service.stats(UserRef(platform="test", id="admin"), vouched=True)
+        await front.close()
+    assert sorted(e.job_id for e in front.hub.events if e.kind == "delivered") == sorted(ids)
+    assert {k for k in stats if k.startswith("worker ")} == {"worker cpu", "worker cpu-2"}
