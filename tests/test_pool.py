@@ -24,6 +24,8 @@ import pytest
 from bot import messages
 from bot.config import Settings
 from bot.domain import JobState, UserRef
+from bot.errors import WorkerLostError
+from bot.ports import WorkerState
 from bot.recording import RecordingHub
 from bot.service import Service
 from data import SqliteStore
@@ -297,3 +299,98 @@ async def test_workers_local_with_two_cpu_devices(tmp_path: Path, tiny_model_dir
         await front.close()
     assert sorted(e.job_id for e in front.hub.events if e.kind == "delivered") == sorted(ids)
     assert {k for k in stats if k.startswith("worker ")} == {"worker cpu", "worker cpu-2"}
+
+
+# ---- the service over pool workers that die, without Ray (fast, scripted) ----------------------
+
+
+class DyingWorker:
+    """A scripted ``PoolWorker``: ``lose`` prompts make it die under the job; ``broken`` never loads."""
+
+    def __init__(self, name: str, *, lose: Sequence[str] = (), broken: bool = False) -> None:
+        from tests.support import ScriptedGenerator
+
+        self.name = name
+        self._gen = ScriptedGenerator(name=name)
+        self.profile = self._gen.profile
+        self.lose = set(lose)
+        self.broken = broken
+        self.ran: list[str] = []
+        self._state = WorkerState.WARMING
+
+    @property
+    def state(self) -> WorkerState:
+        return self._state
+
+    async def ready(self) -> bool:
+        await asyncio.sleep(0)
+        self._state = WorkerState.RETIRED if self.broken else WorkerState.IDLE
+        return not self.broken
+
+    async def generate(self, request: Any, seeds: Any, *, on_step: Any, cancel: Any) -> Any:
+        self.ran.append(request.prompt)
+        self._state = WorkerState.DRAWING
+        try:
+            if request.prompt in self.lose:
+                on_step(1, 4)
+                self._state = WorkerState.DEAD
+                raise WorkerLostError(f"worker {self.name} was lost")
+            return await self._gen.generate(request, seeds, on_step=on_step, cancel=cancel)
+        finally:
+            if self._state is WorkerState.DRAWING:
+                self._state = WorkerState.IDLE
+
+
+def scripted_settings(tmp_path: Path) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        model="scripted",
+        db_path=tmp_path / "bot.sqlite3",
+        output_dir=tmp_path / "out",
+        daily_credits=10,
+        progress_interval=0.05,
+    )
+
+
+async def test_a_job_whose_worker_died_runs_again_on_another_and_is_charged_once(tmp_path: Path) -> None:
+    settings = scripted_settings(tmp_path)
+    first, second = DyingWorker("w0", lose=["unlucky"]), DyingWorker("w1")
+    async with front_on(settings, [first, second]) as front:
+        await front.service.start()
+        job = await front.draw(ALICE, "unlucky")
+        await front.settled()
+        assert (await front.service.credits(ALICE)).available == 9
+    assert first.ran == ["unlucky"] and second.ran == ["unlucky"]
+    assert [e.kind for e in front.hub.of(job) if e.kind in ("delivered", "failed")] == ["delivered"]
+    assert [kind for _, kind, j in ledger(settings.db_path) if j == job] == ["reserve", "commit"]
+
+
+async def test_a_job_that_kills_two_workers_fails_refunded(tmp_path: Path) -> None:
+    settings = scripted_settings(tmp_path)
+    workers = [DyingWorker("w0", lose=["bad"]), DyingWorker("w1", lose=["bad"])]
+    async with front_on(settings, workers) as front:
+        await front.service.start()
+        job = await front.draw(ALICE, "bad")
+        after = await front.draw(BOB, "fine")
+        await front.settled()
+        assert (await front.service.credits(ALICE)).available == 10
+    assert sum(w.ran.count("bad") for w in workers) == 2
+    assert [kind for _, kind, j in ledger(settings.db_path) if j == job] == ["reserve", "refund"]
+    assert after in front.hub.finished()
+
+
+async def test_no_worker_left_refuses_new_requests_and_fails_queued_ones(tmp_path: Path) -> None:
+    from bot.errors import NoWorkersError
+
+    settings = scripted_settings(tmp_path)
+    async with front_on(settings, [DyingWorker("w0", broken=True), DyingWorker("w1", broken=True)]) as front:
+        queued = await front.draw(ALICE)  # before the workers reported: it waits, then fails
+        await front.service.start()
+        await front.settled()
+        with pytest.raises(NoWorkersError, match="no image generator is running"):
+            await front.draw(BOB)
+        assert (await front.service.credits(ALICE)).available == 10
+        stats = await front.service.stats(UserRef(platform="test", id="admin"), vouched=True)
+    assert [kind for _, kind, j in ledger(settings.db_path) if j == queued] == ["reserve", "refund"]
+    assert any(messages.WORKERS_GONE in str(e.data) for e in front.hub.of(queued, "failed"))
+    assert stats["worker w0"].startswith("retired") and stats["worker w1"].startswith("retired")
