@@ -43,7 +43,8 @@ def ray_cluster() -> Iterator[Any]:
     """One local Ray for the whole run: 2 CPUs, 2 logical GPUs; actors import this checkout."""
     ray = pytest.importorskip("ray")
     # the raylet (and so every actor) inherits this: actors import this tree and tests.pool_hooks
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), before) if p)
     ray.init(
         address="local",
         num_cpus=2,
@@ -52,6 +53,10 @@ def ray_cluster() -> Iterator[Any]:
         logging_level=logging.WARNING,
         _node_ip_address="127.0.0.1",
     )
+    if before is None:
+        del os.environ["PYTHONPATH"]
+    else:
+        os.environ["PYTHONPATH"] = before
     yield ray
     ray.shutdown()
 
