@@ -198,6 +198,27 @@ async def test_two_ray_workers_draw_at_once_one_per_logical_gpu(ray_pool: Any) -
     assert first["ray-0"] < last["ray-1"] and first["ray-1"] < last["ray-0"]
 
 
+async def test_a_cancelled_job_stops_mid_denoise_on_its_ray_worker(ray_pool: Any) -> None:
+    import threading
+
+    from bot.domain import DrawRequest
+    from bot.errors import CancelledError
+
+    worker = ray_pool.workers[0]
+    assert await worker.ready()
+    cancel = threading.Event()
+    steps: list[int] = []
+
+    def on_step(step: int, total: int) -> None:
+        steps.append(step)
+        cancel.set()  # the user pressed Cancel after the first step
+
+    request = DrawRequest(prompt="a fox", width=64, height=64, steps=8, guidance=0.0)
+    with pytest.raises(CancelledError):
+        await worker.generate(request, (1,), on_step=on_step, cancel=cancel)
+    assert steps and max(steps) < 8 and worker.state is WorkerState.IDLE
+
+
 async def test_fair_across_the_pool_and_a_sigkilled_worker_loses_nothing(
     ray_pool: Any, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
@@ -399,3 +420,23 @@ async def test_no_worker_left_refuses_new_requests_and_fails_queued_ones(tmp_pat
     assert [kind for _, kind, j in ledger(settings.db_path) if j == queued] == ["reserve", "refund"]
     assert any(messages.WORKERS_GONE in str(e.data) for e in front.hub.of(queued, "failed"))
     assert stats["worker w0"].startswith("retired") and stats["worker w1"].startswith("retired")
+
+
+def test_workers_ray_without_ray_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> None:
+    import sys
+
+    from bot.errors import ConfigError
+    from generation.pool import start_workers
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "generation.ray_worker", raising=False)
+    settings = pool_settings(tmp_path, tiny_model_dir)
+
+    async def start() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            await start_workers(settings, stack)
+
+    with pytest.raises(ConfigError, match=r"^WORKERS=ray needs Ray: pip install 'brushbot\[ray\]'"):
+        asyncio.run(start())
