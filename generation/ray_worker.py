@@ -94,7 +94,8 @@ class GpuWorker:
     async def draw(self, key: str, request: DrawRequest, seeds: tuple[int, ...]) -> Rendered:
         """Run one job; the images come back as PNG bytes, encoded off the GPU thread."""
         if self._worker is None:
-            raise GenerationError("The image generator is still loading; try again in a moment.")
+            # restarted since the front end last saw it (killed while idle): it must load first
+            raise WorkerLostError("the worker restarted and has not loaded its model yet")
         state = self._draws.setdefault(key, _Draw())
         loop = asyncio.get_running_loop()
 
@@ -223,6 +224,8 @@ class RayWorker:
             rendered: Rendered = await ref
         except RayTaskError as err:
             cause = err.cause
+            if isinstance(cause, WorkerLostError):
+                self._state = WorkerState.DEAD  # ready() reloads it before its next job
             if isinstance(cause, BotError):
                 raise cause from None
             _log.error("worker %s failed a job: %s", self.name, first_line(err))

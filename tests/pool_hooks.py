@@ -18,6 +18,8 @@ from generation.loading import LoadPlan, load_pipeline
 
 #: a prompt that ends the worker process that draws it, as a crashing kernel would
 POISON = "poison pill"
+#: a prompt whose drawing hangs before its first step, as a stuck GPU would
+STALL = "stall forever"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,8 @@ class _HookedPipeline:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("prompt") == POISON:
             os.kill(os.getpid(), signal.SIGKILL)
+        if kwargs.get("prompt") == STALL:
+            time.sleep(600)
         inner = kwargs.get("callback_on_step_end")
         if self._step_seconds and inner is not None:
 

@@ -30,7 +30,7 @@ from bot.recording import RecordingHub
 from bot.service import Service
 from data import SqliteStore
 from generation.images import EncodedImage, ImageStore
-from tests.pool_hooks import POISON, Hooked
+from tests.pool_hooks import POISON, STALL, Hooked
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE = UserRef(platform="test", id="alice")
@@ -258,6 +258,27 @@ async def test_fair_across_the_pool_and_a_sigkilled_worker_loses_nothing(
     for job_id in ids.values():
         assert [kind for _, kind, j in rows if j == job_id] == ["reserve", "commit"]
     assert {k for k in stats if k.startswith("worker ")} == {"worker ray-0", "worker ray-1"}
+
+
+async def test_a_worker_silent_for_worker_timeout_is_killed_and_its_job_lost_to_it(
+    ray_pool: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    from bot.domain import DrawRequest
+    from generation.ray_worker import RayWorker
+
+    assert await ray_pool.workers[1].ready()
+    # the same actor, watched with WORKER_TIMEOUT=1
+    strict = RayWorker(
+        ray_pool.workers[1]._handle, name="strict", profile=ray_pool.workers[1].profile, timeout=1.0
+    )
+    assert await strict.ready()
+    request = DrawRequest(prompt=STALL, width=64, height=64, steps=4, guidance=0.0)
+    with caplog.at_level(logging.ERROR, "generation.ray_worker"), pytest.raises(WorkerLostError):
+        await strict.generate(request, (1,), on_step=lambda s, t: None, cancel=threading.Event())
+    assert strict.state is WorkerState.DEAD
+    assert any("silent for" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_poison_job_fails_and_is_refunded_after_one_retry(
