@@ -14,6 +14,10 @@ take the commands and deliver the images from the real service and worker on the
         posts and edits in the channel (follow-ups, webhook and channel messages) beyond the
         acknowledgement every interaction must get (counted apart)
     (d) mixed: a busy group and a few private chats at once; the private users' latency
+    (e) mixed busy: a group with more results waiting than its budget, and private chats that
+        ask a little later; their latency shows whether the GPU draws for chats that can receive
+        first (``mixed busy``, DELIVERY_AHEAD's default) or in fair order regardless
+        (``mixed busy in fair order``: DELIVERY_AHEAD=0)
 
     .venv/bin/python benchmarks/busy_chat.py           # tiny Z-Image, 512², 8 steps, 20 per 60 s
     .venv/bin/python benchmarks/busy_chat.py --quick   # a few jobs, 64², 20 per 3 s: a smoke run
@@ -83,9 +87,14 @@ class Config:
     busy_users: int = 20
     mixed_group_users: int = 12  # (d)
     mixed_private_users: int = 3
+    #: (e): the private chats ask once this many of the group's photos were sent, its budget
+    #: nearly spent and its backlog still on the GPU
+    private_after_photos: int = 16
+    delivery_ahead: float | None = None  # DELIVERY_AHEAD for the runs; None: the setting's default
     group_limit: Limit = GROUP_LIMIT
     discord_buckets: dict[str, Bucket] = field(default_factory=dict)  # overrides of the fake's
-    cases: tuple[str, ...] = ("telegram a", "telegram b", "discord a", "discord b", "mixed")
+    cases: tuple[str, ...] = ("telegram a", "telegram b", "discord a", "discord b", "mixed", "mixed busy",
+                              "mixed busy in fair order")  # fmt: skip
     timeout: float = 1800.0
 
     def request(self, case: int, index: int) -> DrawRequest:
@@ -110,6 +119,7 @@ QUICK = Config(
     busy_users=3,
     mixed_group_users=4,
     mixed_private_users=2,
+    private_after_photos=3,
     group_limit=Limit(calls=20, window=3.0),
     discord_buckets={
         "POST /channels/{channel_id}/messages": Bucket(name="channel-message-create", limit=5, per=1.0)
@@ -159,7 +169,7 @@ async def start_discord(service: Any, settings: Settings, fake: FakeDiscord) -> 
     """Today's Discord adapter, as production builds it, on ``fake``; the one place to re-point."""
     from pydantic import SecretStr
 
-    from adapters.discord_bot import DiscordAdapter
+    from adapters.discord import DiscordAdapter
 
     update = {
         "discord_token": SecretStr(fake.token),
@@ -271,7 +281,9 @@ def _raw_seconds(pipe: TimedPipeline, jobs: Sequence[Job]) -> float:
 
 
 @contextlib.asynccontextmanager
-async def _service(tiny: TinyBench, folder: Path, name: str, jobs: int) -> AsyncIterator[Any]:
+async def _service(
+    tiny: TinyBench, folder: Path, name: str, jobs: int, delivery_ahead: float | None = None
+) -> AsyncIterator[Any]:
     """A fresh service (own database) around the warm pipeline, for one case."""
     from bot.recording import RecordingHub
 
@@ -283,6 +295,7 @@ async def _service(tiny: TinyBench, folder: Path, name: str, jobs: int) -> Async
             "max_queued_per_user": max(jobs, 1),
             "max_queued_total": max(jobs, 1),
         }
+        | ({} if delivery_ahead is None else {"delivery_ahead": delivery_ahead})
     )
     hub = RecordingHub(platform="bench")  # nothing is submitted for it: the adapters bring the jobs
     async with bot_path(settings, tiny.pipe, tiny.profile, tiny.plan, transport=hub) as path:
@@ -329,10 +342,11 @@ def _round(value: float | None) -> float | None:
 
 async def _telegram_case(
     cfg: Config, tiny: TinyBench, folder: Path, name: str, number: int, groups: int, privates: int,
-    jobs_each: int,
+    jobs_each: int, private_after_photos: int = 0, jobs: list[Job] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """``groups`` users in the group and ``privates`` in private chats, ``jobs_each`` jobs each, typed at once."""
-    jobs = [
+    """``groups`` users in the group and ``privates`` in private chats, ``jobs_each`` jobs each, typed at
+    once (the private ones once ``private_after_photos`` of the group's photos were sent)."""
+    jobs = jobs or [
         Job(user=u, private=u >= groups, request=cfg.request(number, k * (groups + privates) + u))
         for k in range(jobs_each)
         for u in range(groups + privates)
@@ -340,7 +354,7 @@ async def _telegram_case(
     raw_s = await asyncio.to_thread(_raw_seconds, tiny.pipe, jobs)
     async with (
         FakeTelegram(group_limit=cfg.group_limit) as fake,
-        _service(tiny, folder, name, len(jobs)) as (path, settings),
+        _service(tiny, folder, name, len(jobs), cfg.delivery_ahead) as (path, settings),
         start_telegram(path.service, settings, fake),
     ):
         group = fake.group(GROUP_ID, "busy artists")
@@ -348,7 +362,14 @@ async def _telegram_case(
         chats = [group if u < groups else fake.private_chat(people[u]) for u in range(groups + privates)]
         before = len(fake.calls)
         sent: dict[int, float] = {}
-        for job in jobs:
+        waited = not private_after_photos
+        for job in sorted(jobs, key=lambda j: j.private) if private_after_photos else jobs:
+            if job.private and not waited:
+                await fake.wait_for(
+                    "sendPhoto", lambda c: c.chat_id == GROUP_ID and c.ok, count=private_after_photos,
+                    timeout=cfg.timeout,
+                )  # fmt: skip
+                waited = True
             sent[job.request.seed] = time.monotonic()
             fake.inject_message(chats[job.user], people[job.user], "/draw " + cfg.command(job.request))
         states = await _until_ended(path.store, len(jobs), cfg.timeout)
@@ -376,6 +397,29 @@ async def _telegram_case(
         return _summary(
             name, jobs, raw_s, sent, arrivals, states, fake.counted(GROUP_ID), len(fake.rate_limited), extra
         )
+
+
+async def _busy_with_privates(
+    cfg: Config, tiny: TinyBench, folder: Path, name: str, number: int, per_user: int
+) -> dict[str, Any]:
+    """(e) the busy group of (b), and private chats asking once its budget is nearly spent.
+
+    The group's results outrun its budget; the private ones can be delivered at once. Each
+    group user's jobs are typed first, so a private job arrives behind a deep group backlog.
+    """
+    users = cfg.busy_users
+    jobs = [
+        Job(
+            user=u, private=u >= users, request=cfg.request(number, k * (users + cfg.mixed_private_users) + u)
+        )
+        for k in range(per_user)
+        for u in range(users + cfg.mixed_private_users)
+        if u < users or k == 0
+    ]
+    return await _telegram_case(
+        cfg, tiny, folder, name, number, users, cfg.mixed_private_users, 0, cfg.private_after_photos,
+        jobs=jobs,
+    )  # fmt: skip
 
 
 async def _discord_case(
@@ -451,6 +495,11 @@ async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
         "mixed": lambda n: _telegram_case(
             cfg, tiny, folder, "mixed", n, cfg.mixed_group_users, cfg.mixed_private_users, 1
         ),
+        "mixed busy": lambda n: _busy_with_privates(cfg, tiny, folder, "mixed busy", n, per_user),
+        # the same with DELIVERY_AHEAD=0: the GPU draws in fair order whatever the chats can take
+        "mixed busy in fair order": lambda n: _busy_with_privates(
+            replace(cfg, delivery_ahead=0.0), tiny, folder, "mixed busy in fair order", n, per_user
+        ),
     }
     cases: dict[str, Any] = {}
     for number, name in enumerate(cfg.cases):
@@ -466,6 +515,7 @@ async def _measure(cfg: Config, folder: Path) -> dict[str, Any]:
             "size": cfg.size,
             "steps": cfg.steps,
             "torch_threads": cfg.threads,
+            "delivery_ahead_s": cfg.delivery_ahead,
             "telegram_group_limit": {"calls": cfg.group_limit.calls, "window_s": cfg.group_limit.window},
             "discord_bucket_overrides": {
                 route: {"limit": b.limit, "per_s": b.per} for route, b in cfg.discord_buckets.items()
@@ -498,7 +548,8 @@ def render(result: dict[str, Any]) -> str:
     limit = c["telegram_group_limit"]
     head = (
         f"brushbot busy chats: tiny Z-Image {c['size']}x{c['size']}, {c['steps']} steps, torch threads "
-        f"{c['torch_threads']}; Telegram group limit {limit['calls']} per {limit['window_s']:g} s\n"
+        f"{c['torch_threads']}; Telegram group limit {limit['calls']} per {limit['window_s']:g} s; "
+        f"DELIVERY_AHEAD {'default' if c.get('delivery_ahead_s') is None else c['delivery_ahead_s']}\n"
         f"{describe(result['machine'])}"
     )
     rows = []
@@ -523,12 +574,13 @@ def render(result: dict[str, Any]) -> str:
         rows,
     )  # fmt: skip
     notes = []
-    mixed = result["cases"].get("mixed", {}).get("private")
-    if mixed:
-        notes.append(
-            f"mixed: {mixed['delivered']}/{mixed['jobs']} private jobs, latency median "
-            f"{fmt(mixed['latency_median_s'])} s, max {fmt(mixed['latency_max_s'])} s"
-        )
+    for name in ("mixed", "mixed busy", "mixed busy in fair order"):
+        mixed = result["cases"].get(name, {}).get("private")
+        if mixed:
+            notes.append(
+                f"{name}: {mixed['delivered']}/{mixed['jobs']} private jobs, latency median "
+                f"{fmt(mixed['latency_median_s'])} s, max {fmt(mixed['latency_max_s'])} s"
+            )
     for name, case in result["cases"].items():
         spent = case.get("group_calls_by_method") or case.get("channel_writes_by_route")
         if spent:
@@ -550,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="Telegram group limit: calls per window (default 20)")
     parser.add_argument("--window", type=float, help="Telegram group limit: window in seconds (default 60)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--delivery-ahead", type=float, help="DELIVERY_AHEAD seconds for the runs (default: the setting's)"
+    )
     parser.add_argument("--json", help="where to write the JSON (default $OUT or outputs/benchmarks)")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
@@ -570,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         size=args.size or cfg.size,
         steps=args.steps or cfg.steps,
         threads=args.threads,
+        delivery_ahead=args.delivery_ahead,
     )
     if cfg.threads < 1 or cfg.size < 16 or cfg.steps < 1:
         parser.error("--threads and --steps must be at least 1, --size at least 16")

@@ -20,6 +20,8 @@ WHEELS=(
     typing-extensions==4.16.0        # pydantic 2.14 needs >= 4.16; the machine's may be older
     python-dotenv==1.2.4
     aiosqlite==0.22.1
+    torchao==0.18.0                  # QUANTIZE=fp8/int8 rows (built for torch 2.13; check the machine's torch)
+    bitsandbytes==0.50.2             # QUANTIZE=nf4 and the 8 GiB budget row
 )
 
 # git ignores the folder (it travels to the GPU machine as a carried path, never in a commit)

@@ -6,11 +6,15 @@ download is needed): Qwen3 text encoder (hidden 2560, 36 layers, 32 heads, 8 KV 
 and the in-memory tokenizer of ``generation.tiny``. bf16 on CUDA, 1024², 8 steps, guidance 0.
 
 Each row is one configuration: the baseline, then each speed-up on its own (an attention
-backend, ``torch.compile`` of the repeated blocks, fp8 layerwise casting). Per row: warm per-image
+backend, ``torch.compile`` of the repeated blocks, fp8 layerwise casting), then the memory tiers
+the bot loads through its own path (the pipeline saved once, then ``load_pipeline`` with
+``QUANTIZE=int8|fp8|nf4``, fp8 with ``COMPILE=true``, and ``QUANTIZE=auto`` under a 16 GiB and an
+8 GiB budget emulated with ``torch.cuda.set_per_process_memory_fraction``). Per row: warm per-image
 latency (p50) of raw ``pipe(...)`` calls and of one job at a time through the bot path (``Service``
 → ``Worker`` → ``ImageStore`` → SQLite → reply), the throughput ratio of a burst of jobs through the
 bot against the same raw calls made right before it (both by the wall clock, as ``overhead.py``),
-the split text encoding / denoising / VAE decode / PNG encode, and peak GPU memory. ``--budget``
+the split text encoding / denoising / VAE decode / PNG encode, peak GPU memory and the first
+image's time (what a compile or lazy set-up costs). ``--budget``
 seconds bound the whole run: rows that would not fit are skipped.
 
     bash benchmarks/gpu.sh                                  # on the GPU machine (installs .whl/)
@@ -246,6 +250,8 @@ class Row:
     status: str = "ok"  # ok | partial | skipped | unavailable | failed
     note: str = ""
     setup_s: float | None = None
+    #: the first call after the configuration was applied (a compile's cost shows here)
+    first_image_s: float | None = None
     raw_images: int = 0
     raw_p50_ms: float | None = None
     bot_images: int = 0
@@ -298,9 +304,13 @@ class Run:
         raw_call(self.pipe, self.request(index))
 
 
-def _warm_up(run: Run) -> None:
+def _warm_up(run: Run, row: Row | None = None) -> None:
     for i in range(run.warmup):
+        start = time.perf_counter()
         run.call(10_000 + i)
+        _sync(run.device)
+        if i == 0 and row is not None:
+            row.first_image_s = round(time.perf_counter() - start, 2)
     run.pipe.take()
 
 
@@ -431,7 +441,7 @@ def measure_row(
         setup = time.perf_counter()
         if apply is not None:
             apply()
-        _warm_up(run)  # compiles, autotunes and loads kernels
+        _warm_up(run, row)  # compiles, autotunes and loads kernels
         row.setup_s = round(time.perf_counter() - setup, 2)
         if run.left() > 4 * run.per_image:
             _split(run, row)
@@ -503,6 +513,81 @@ def _fp8(run: Run) -> None:
     run.pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=run.dtype)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TierRow:
+    """A configuration loaded through the bot's own ``load_pipeline`` from the saved pipeline."""
+
+    key: str
+    name: str
+    quantize: str = "auto"
+    compile: bool = False
+    budget_gb: float | None = None
+    cuda_only: bool = True
+
+
+TIER_ROWS = (
+    TierRow(key="int8", name="QUANTIZE=int8", quantize="int8", cuda_only=False),
+    TierRow(key="fp8w", name="QUANTIZE=fp8", quantize="fp8"),
+    TierRow(key="nf4", name="QUANTIZE=nf4", quantize="nf4"),
+    TierRow(key="fp8w-compile", name="QUANTIZE=fp8, COMPILE=true", quantize="fp8", compile=True),
+    TierRow(key="budget16", name="16 GiB budget, QUANTIZE=auto", budget_gb=16),
+    TierRow(key="budget8", name="8 GiB budget, QUANTIZE=auto", budget_gb=8),
+)
+#: loading a tier (from the saved folder, quantizing on the way) may take this long, on top of its calls
+TIER_LOAD_ALLOWANCE_S = 90.0
+
+
+def _wanted_tiers(requested: set[str]) -> list[TierRow]:
+    return [t for t in TIER_ROWS if {"tiers", t.key} & requested]
+
+
+def _save_pipeline(run: Run) -> Path:
+    """The built pipeline written once as a diffusers folder, for the tiers' real loading path."""
+    folder = run.folder / "saved"
+    if not (folder / "model_index.json").is_file():
+        run.pipe.pipe.save_pretrained(folder)
+    return folder
+
+
+def measure_tier(run: Run, tier: TierRow, saved: Path) -> Row:
+    """Load ``saved`` with the tier's settings through ``load_pipeline``, measure it, free it; never raises."""
+    from bot.config import Quantize
+    from generation.loading import load_pipeline
+
+    if tier.cuda_only and run.device != "cuda":
+        return Row(name=tier.name, status="unavailable", note="needs CUDA")
+    import torch
+
+    settings = bench_settings(
+        run.folder / f"tier-{tier.key}", model=str(saved), device=run.device, jobs=run.images + 1,
+        quantize=Quantize(tier.quantize), compile=tier.compile,
+    )  # fmt: skip
+    free_fn = None
+    if tier.budget_gb is not None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        budget = int(tier.budget_gb * _GB)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+        free_fn = lambda: budget - torch.cuda.memory_allocated()  # noqa: E731
+    pipe: Any = None
+    try:
+        started = time.perf_counter()
+        pipe, _profile, plan = load_pipeline(settings, profile=run.profile, free_bytes_fn=free_fn)
+        load_s = time.perf_counter() - started
+        tier_run = dataclasses.replace(run, pipe=TimedPipeline(pipe), plan=plan)
+        row = measure_row(tier_run, tier.name, None, None)
+        row.note = f"{plan.tier}; loaded in {load_s:.0f} s" + (f"; {row.note}" if row.note else "")
+        return row
+    except Exception as exc:
+        traceback.print_exc()
+        return Row(name=tier.name, status="unavailable", note=first_line(exc))
+    finally:
+        del pipe
+        gc.collect()
+        if run.device == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0)
+            torch.cuda.empty_cache()
+
+
 def all_rows(
     run: Run, requested: set[str], explicit: bool, on_row: Callable[[list[Row]], object] | None = None
 ) -> list[Row]:
@@ -564,12 +649,29 @@ def all_rows(
                     run, "torch.compile repeated blocks", lambda: _compile(run), lambda: _uncompile(run)
                 )
             )
-    if "fp8" in requested:  # last: casting the weights to fp8 is not undone
+    tiers = _wanted_tiers(requested)
+    # saved before the fp8 casting below, which is not undone: the tiers load the bf16 weights
+    saved = _save_pipeline(run) if tiers else None
+    if "fp8" in requested:  # casting the weights to fp8 is not undone
         ok, reason = fits(run.images * run.per_image)
         if not ok:
             record(Row(name="fp8 layerwise casting", status="skipped", note=reason))
         else:
             record(measure_row(run, "fp8 layerwise casting", lambda: _fp8(run), None))
+    if saved is not None:
+        # last: the built pipeline is freed, so each tier has the device to itself
+        run.pipe.pipe = None
+        gc.collect()
+        if run.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        for tier in tiers:
+            ok, reason = fits(TIER_LOAD_ALLOWANCE_S + (COMPILE_ALLOWANCE_S if tier.compile else 0.0))
+            if not ok and not (tier.cuda_only and run.device != "cuda"):
+                record(Row(name=tier.name, status="skipped", note=reason))
+            else:
+                record(measure_tier(run, tier, saved))
     return rows
 
 
@@ -588,12 +690,12 @@ def render(result: dict[str, Any]) -> str:
     rows = result["rows"]
     first = table(
         ["configuration", "status", "raw p50 ms", "bot p50 ms", "bot/raw thr.", "steady", "GPU gap med/max ms",
-         "loop lag p99 ms", "peak GPU GiB", "setup s"],
+         "loop lag p99 ms", "peak GPU GiB", "first image s", "setup s"],
         [
             [r["name"], r["status"], fmt(r["raw_p50_ms"], 1), fmt(r["bot_p50_ms"], 1), fmt(r["throughput_ratio"], 3),
              fmt(r["steady_ratio"], 3),
              f"{fmt(r['gpu_idle_gap_median_ms'])} / {fmt(r['gpu_idle_gap_max_ms'])}", fmt(r["loop_lag_p99_ms"]),
-             fmt(r["peak_gpu_gb"]), fmt(r["setup_s"], 1)]
+             fmt(r["peak_gpu_gb"]), fmt(r["first_image_s"], 2), fmt(r["setup_s"], 1)]
             for r in rows
         ],
     )  # fmt: skip
@@ -629,8 +731,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run (default 420)")
     parser.add_argument(
         "--rows",
-        help="comma-separated: attention (or one backend name), compile, fp8; the baseline always runs "
-        "(default: all, but compile only for the full-size model on a GPU unless named here)",
+        help="comma-separated: attention (or one backend name), compile, fp8, tiers (or one of int8, fp8w, "
+        "nf4, fp8w-compile, budget16, budget8); the baseline always runs (default: all, but compile only "
+        "for the full-size model on a GPU unless named here)",
     )
     parser.add_argument("--out", help="folder for gpu.json and gpu.txt (default $OUT or outputs/benchmarks)")
     args = parser.parse_args(argv)
@@ -656,7 +759,9 @@ def main(argv: list[str] | None = None) -> int:
     images = args.images or (3 if args.tiny else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    requested = {part.strip() for part in (args.rows or "attention,compile,fp8").split(",") if part.strip()}
+    requested = {
+        part.strip() for part in (args.rows or "attention,compile,fp8,tiers").split(",") if part.strip()
+    }
     out_dir = Path(args.out) if args.out else results_path("gpu.json", None).parent
     if device == "cpu":
         torch.set_num_threads(1)  # the other core encodes PNGs, as in the CPU benchmarks

@@ -101,6 +101,22 @@ class _Round:
     delivered: dict[int, float]  # seed → when the reply side had the image
     lag: list[float]
     failed: int
+    #: CPU seconds of the service's encoder threads (PNG, chat preview, upload reads) in this round
+    encode_cpu: float = 0.0
+
+
+def _encoder_cpu() -> dict[int, float]:
+    """CPU seconds so far of each of the service's ``brushbot-encode`` threads, by native thread id."""
+    import threading
+
+    import psutil
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    return {
+        t.id: t.user_time + t.system_time
+        for t in psutil.Process().threads()
+        if names.get(t.id, "").startswith("brushbot-encode")
+    }
 
 
 def _raw_round(pipe: TimedPipeline, cfg: Config) -> _Round:
@@ -124,6 +140,7 @@ async def _timed_round(
     """Run one round through a bot path: submit everything, wait for every delivery, measure."""
     service = path.service
     pipe.take()
+    encoders = _encoder_cpu()
     cpu = time.process_time()
     started = time.perf_counter()
     async with LoopLag() as lag:
@@ -131,10 +148,11 @@ async def _timed_round(
         delivered, failed = await finished()
     seconds = time.perf_counter() - started
     cpu = time.process_time() - cpu
+    encode_cpu = sum(v - encoders.get(k, 0.0) for k, v in _encoder_cpu().items())
     await service.wait_idle()
     return _Round(
         seconds=seconds, cpu=cpu, calls=pipe.take(), submitted=submitted, delivered=delivered, lag=lag.samples,
-        failed=failed,
+        failed=failed, encode_cpu=encode_cpu,
     )  # fmt: skip
 
 
@@ -289,6 +307,7 @@ def _summary(rounds: list[_Round], raw: list[_Round], cfg: Config) -> dict[str, 
         "pipe_call_median_ms": ms(quantile([c.seconds for r in rounds for c in r.calls], 0.5)),
         "pipe_call_cpu_median_ms": ms(quantile([c.cpu for r in rounds for c in r.calls], 0.5)),
         "cpu_ms_per_job": ms(sum(r.cpu for r in rounds) / (cfg.jobs * len(rounds))),
+        "encode_cpu_ms_per_job": ms(sum(r.encode_cpu for r in rounds) / (cfg.jobs * len(rounds))),
         "jobs_delivered": delivered,
         "jobs_failed": sum(r.failed for r in rounds),
         "lost_jobs": cfg.jobs * len(rounds) - delivered,
@@ -446,6 +465,8 @@ def render(result: dict[str, Any]) -> str:
              *each(lambda p: fmt(p["pipe_call_cpu_median_ms"], 1)), "", ""],
             ["CPU ms per job, all threads (raw " + fmt(raw["cpu_ms_per_job"], 1) + ")",
              *each(lambda p: fmt(p["cpu_ms_per_job"], 1)), "", ""],
+            ["  of it on the encoder threads (PNG, preview, uploads)",
+             *each(lambda p: fmt(p["encode_cpu_ms_per_job"], 1)), "", ""],
             ["added latency per job, median / p95 ms",
              *each(lambda p: f"{fmt(p['added_latency_ms']['median'], 1)} / {fmt(p['added_latency_ms']['p95'], 1)}"),
              "", ""],

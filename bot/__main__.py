@@ -55,7 +55,8 @@ async def serve(settings: Settings, *, console: bool) -> None:
     tokens = settings.tokens_set()
     use_console = console or not any(tokens.values())
     async with contextlib.AsyncExitStack() as stack:
-        store = await stack.enter_async_context(SqliteStore(settings.db_path))
+        # exclusive: a second bot on the same DB_PATH stops here with one line, before loading anything
+        store = await stack.enter_async_context(SqliteStore(settings.db_path, exclusive=True))
         _log.info("loading model %s (%s workers) ...", settings.model, settings.workers.value)
         workers = await start_workers(settings, stack)
         service = Service(
@@ -71,7 +72,7 @@ async def serve(settings: Settings, *, console: bool) -> None:
 
             await stack.enter_async_context(TelegramAdapter(service, settings))
         if tokens["DISCORD_TOKEN"] and not console:
-            from adapters.discord_bot import DiscordAdapter
+            from adapters.discord import DiscordAdapter
 
             await stack.enter_async_context(DiscordAdapter(service, settings))
         # Registered last, so it runs first: the service stops (leaving unfinished jobs for the
@@ -85,18 +86,27 @@ async def serve(settings: Settings, *, console: bool) -> None:
             await service.recover()
             await adapter.run()
             return
+        # from here on a signal is a graceful stop, also while the unfinished jobs are taken back
+        stop, hurry = _on_signals()
         await service.recover()
         _log.info("brushbot is running; Ctrl+C stops it (unfinished jobs resume on the next start)")
-        await _until_signalled()
+        await stop.wait()
+        # the running image and the results owed get SHUTDOWN_GRACE seconds (a second signal: none)
+        await service.drain(settings.shutdown_grace, hurry)
 
 
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
+def _on_signals() -> tuple[asyncio.Event, asyncio.Event]:
+    """Handle SIGINT and SIGTERM: the first sets the first event, a second one the second."""
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+            loop.add_signal_handler(sig, signalled)
+    return stop, hurry
 
 
 # ---------------------------------------------------------------------------------- draw

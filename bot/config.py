@@ -46,6 +46,37 @@ class Offload(enum.StrEnum):
     SEQUENTIAL = "sequential"
 
 
+class Quantize(enum.StrEnum):
+    """Weight precision of the big components: 16-bit (``none``), 8-bit (``fp8``, ``int8``) or 4-bit."""
+
+    AUTO = "auto"
+    NONE = "none"
+    FP8 = "fp8"
+    INT8 = "int8"
+    NF4 = "nf4"
+
+
+class Attention(enum.StrEnum):
+    """The transformer's attention kernel (a diffusers attention backend)."""
+
+    AUTO = "auto"
+    NATIVE = "native"
+    FLASH = "flash"
+    FLASH3 = "flash3"
+    SAGE = "sage"
+
+
+_SIZE = re.compile(r"^(\d+)[x×](\d+)$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``1024x768`` → (1024, 768); a ValueError naming the form otherwise."""
+    match = _SIZE.match(text.strip().lower())
+    if not match or not all(int(g) > 0 for g in match.groups()):
+        raise ValueError(f"{text!r} is not a size; write WIDTHxHEIGHT, e.g. 1024x768")
+    return int(match.group(1)), int(match.group(2))
+
+
 _DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda)(?::(\d+))?$")
 
 
@@ -96,6 +127,13 @@ class Settings(BaseSettings):
     devices: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["auto"])
     dtype: DType = DType.AUTO
     offload: Offload = Offload.AUTO
+    #: weight precision of the transformer (and text encoder): auto picks by free memory
+    quantize: Quantize = Quantize.AUTO
+    attention: Attention = Attention.AUTO
+    #: regional torch.compile of the transformer's repeated blocks, warmed at start
+    compile: bool = False
+    #: sizes compiled at start besides the default and named sizes (WIDTHxHEIGHT, comma-separated)
+    compile_sizes: Annotated[list[tuple[int, int]], NoDecode] = Field(default_factory=list)
     warmup: bool = True
     model_cache_dir: Path = Path(".cache/brushbot")
 
@@ -155,6 +193,9 @@ class Settings(BaseSettings):
     #: a chat whose results would wait longer than this for its message budget lets other chats'
     #: jobs use the GPU first (0: draw in fair order regardless)
     delivery_ahead: float = Field(10.0, ge=0)
+    #: on SIGTERM, seconds the running image and the deliveries owed get to finish before the
+    #: bot exits anyway (what is left resumes on the next start)
+    shutdown_grace: float = Field(30.0, ge=0, le=3600)
     log_level: str = "INFO"
 
     @model_validator(mode="before")
@@ -180,6 +221,14 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("compile_sizes", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> Any:
+        parts = _split_csv(value)
+        if isinstance(parts, list) and all(isinstance(p, str) for p in parts):
+            return [parse_size(p) for p in parts]
+        return parts
 
     @field_validator("telegram_allowed_chats", mode="before")
     @classmethod

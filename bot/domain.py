@@ -292,13 +292,20 @@ class Progress:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SavedImage:
-    """One image written to ``OUTPUT_DIR``."""
+    """One image written to ``OUTPUT_DIR``; ``photo`` is its chat preview, made in the same pass.
+
+    The PNG at ``path`` is the lossless original with its metadata (files, the "Original"
+    button, the outputs folder). ``photo``, where the sink made one, is a high-quality JPEG for
+    platforms that recompress photos anyway (Telegram); None after a restart, when only the
+    PNG is left.
+    """
 
     path: str
     seed: int
     width: int
     height: int
     size_bytes: int
+    photo: UploadFile | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -89,6 +89,11 @@ class UnreachableError(DeliveryError):
     """The chat can no longer be reached; retrying will not help."""
 
 
+class MessageRefusedError(UnreachableError):
+    """The platform refused this message (a bad request); retrying will not help, but the chat
+    may still take a line of text saying so."""
+
+
 class RateLimitedError(DeliveryError):
     """The platform refused a call for now (HTTP 429); ``retry_after`` seconds until it may be repeated."""
 

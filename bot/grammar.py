@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from bot.domain import DrawRequest, ModelProfile, SourceImage
 from bot.errors import RequestError
+from bot.words import find_blocked as find_blocked  # re-exported: callers import it from here
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -304,6 +305,29 @@ def build_request(
     )
 
 
+def check_request(request: DrawRequest, profile: ModelProfile, limits: Limits) -> None:
+    """Check a request made earlier (a reroll's, a variation's, a recovered job's) against today's
+    model and limits: the operator may have lowered a limit or changed the model since.
+
+    Raises ``RequestError`` naming the first value that no longer fits.
+    """
+    if len(request.prompt) > limits.max_prompt_chars:
+        raise RequestError(
+            f"the prompt has {len(request.prompt):,} characters; the limit is {limits.max_prompt_chars:,}"
+        )
+    if len(request.negative_prompt) > limits.max_prompt_chars:
+        raise RequestError(
+            f"--no has {len(request.negative_prompt):,} characters; the limit is {limits.max_prompt_chars:,}"
+        )
+    _check_size("size", f"{request.width}x{request.height}", request.width, request.height, profile, limits)
+    _int("steps", request.steps, 1, limits.max_steps)
+    _int("n", request.count, 1, limits.max_images)
+    _float("cfg", request.guidance, 0.0, profile.max_guidance)
+    if request.source is not None or request.strength is not None:
+        check_strength(request.strength if request.strength is not None else DEFAULT_STRENGTH,
+                       request.steps, profile)  # fmt: skip
+
+
 def check_strength(value: str | float, steps: int, profile: ModelProfile) -> float:
     """A valid ``--strength`` for ``steps`` on ``profile``: in range, and running at least one step."""
     if profile.img2img is None:
@@ -345,18 +369,3 @@ def _strength(
 def parse_draw(text: str, profile: ModelProfile, limits: Limits) -> DrawRequest:
     """Parse and validate the text after ``/draw``."""
     return build_request(split_flags(text), profile, limits)
-
-
-def find_blocked(text: str, words: Iterable[str]) -> str | None:
-    """The first blocked word found in ``text`` (whole words for Latin text, substrings otherwise)."""
-    lowered = text.casefold()
-    for word in words:
-        w = word.strip().casefold()
-        if not w:
-            continue
-        if w.isascii():
-            if re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", lowered):
-                return word.strip()
-        elif w in lowered:
-            return word.strip()
-    return None

@@ -98,12 +98,40 @@ def job_seconds(job: Job, now: float | None = None) -> float | None:
 
 
 def cancel_text(job: Job) -> str:
-    """The answer to a cancel: done at once for a queued job, refunded when a running one stops."""
+    """The answer to a cancel: done at once for a queued job, refunded when a running one stops.
+
+    A cancel answered "stopping" is always honoured: a result drawn after it is thrown away.
+    """
     if job.state is JobState.CANCELLED:
         return f"Cancelled job {job.id}." + ("" if job.free else f" {job.credits} credit(s) refunded.")
     if job.free:
         return f"Stopping job {job.id}."
     return f"Stopping job {job.id}; its credits are refunded when it stops."
+
+
+def too_late_text(job: Job) -> str:
+    """The answer to a cancel that came after the result was drawn and already on its way (or sent)."""
+    charged = "" if job.free else f"; its {job.credits} credit(s) stay charged"
+    if job.state is JobState.DELIVERED:
+        return f"too late to cancel job {job.id}: it was already delivered{charged}"
+    if job.state is JobState.DELIVERING:
+        return f"too late to cancel job {job.id}: it is already done and being delivered{charged}"
+    return f"job {job.id} has already finished ({job.state.value})"
+
+
+def no_longer_fits_text(reason: str) -> str:
+    """A stored request (a reroll's, a variation's, a resumed job's) over today's limits or model."""
+    return f"its settings no longer fit this bot ({reason.rstrip('.')})"
+
+
+def not_again_text(job: Job, reason: str) -> str:
+    """A reroll or variation refused because the old job's settings no longer fit."""
+    return f"job {job.id} cannot be drawn again: {reason}"
+
+
+def model_changed_text(job: Job, model: str) -> str:
+    """A job resumed after a restart that was asked of another model."""
+    return f"it was asked of the model {job.model}, and the bot now runs {model}"
 
 
 def balance_text(balance: Balance, refill: str) -> str:
@@ -211,6 +239,9 @@ def info_text(job: Job) -> str:
 # ---------------------------------------------------------------------- a job's end, the board
 
 RESUMED = "Resumed after a restart."
+SHUTTING_DOWN = "the bot is restarting, so nothing was queued; try again in a minute"
+SAVE_FAILED = "the bot could not save the picture (its disk is full or not writable); try again later"
+RECORD_FAILED = "the bot could not record the finished picture in its database; try again later"
 NOTHING_TO_CANCEL = "you have no queued or running job; /jobs lists your jobs"
 NO_WORKERS = "no image generator is running (every GPU worker failed to start); nothing was queued"
 WORKERS_GONE = "no image generator is left to draw this (every GPU worker failed to start)"
@@ -293,7 +324,15 @@ BUTTONS = {
     "delete": "🗑 Delete",
     "edit": "✏️ Edit",
     "info": "ℹ️ Info",
+    "subtle": "🌱 Vary (subtle)",
+    "strong": "🌀 Vary (strong)",
 }
+#: the Discord message command that draws from a message's picture
+VARY_MENU = "Vary this image"
+NO_PICTURE_IN_MESSAGE = "that message has no PNG, JPEG or WebP picture to draw from"
+NO_PROMPT_FOR_PICTURE = (
+    "that message has no text to use as the prompt: use /draw with its picture as the image option"
+)
 #: the command menu a platform shows (name, description); admins see the admin part too
 COMMAND_MENU: tuple[tuple[str, str], ...] = (
     ("draw", "Draw a picture: /draw a red fox in snow --ar 16:9"),
@@ -311,14 +350,60 @@ ADMIN_MENU: tuple[tuple[str, str], ...] = (
     ("stats", "Admin: jobs, queue and speed"),
 )
 UNKNOWN_COMMAND = "unknown command {command}: try /help"
+#: the form a Discord Edit button opens
+EDIT_FORM = {
+    "title": "Edit and draw again",
+    "prompt": "Prompt (--flags allowed)",
+    "negative": "Negative prompt",
+}
+#: what Discord shows for each /draw option, by option name
+DRAW_OPTIONS = {
+    "prompt": "what to draw; --flags such as --ar 16:9 --seed 42 work here too",
+    "negative": "what to avoid (needs guidance above 0 on some models)",
+    "size": "picture shape",
+    "steps": "denoising steps (default {steps})",
+    "seed": "reproduce an image: each image of a batch gets seed, seed+1, ...",
+    "count": "number of images",
+    "guidance": "guidance scale (default {guidance:g}; above 0 doubles the GPU time)",
+    "image": "a picture to start from (PNG, JPEG or WebP)",
+    "strength": "with a picture: how far from it to go (0.05 close to it … 1 almost new)",
+    "job": "the job id shown in its status (default: your newest job)",
+}
+#: Discord's admin group (/brush ...): name, description, and option descriptions
+DISCORD_ADMIN = {
+    "brush": "brushbot administration",
+    "quota": "Users' credits",
+    "show": "A user's credits and history",
+    "set": "Set a user's allowance per period (leave credits empty for the default)",
+    "grant": "Give (or take) bonus credits",
+    "reset": "Reset this period's usage",
+    "ban": "Stop a user from drawing",
+    "unban": "Let a banned user draw again",
+    "weight": "A user's share of the GPU when several wait (default 1)",
+    "stats": "Jobs, queue and speed",
+    "user": "the member",
+    "credits": "credits per period",
+    "bonus": "bonus credits, may be negative",
+    "weight_value": "0.01 to 100",
+}
 PNG_SENT = "Original PNG sent"
+NOT_THIS_CHAT = "That button belongs to a job of another chat"
 DELETED = "Deleted"
 CANCELLED = "Cancelled"
 STOPPING = "Stopping…"
 
 
+def cancel_button_text(job: Job) -> str:
+    """A Cancel button that names its job (``/jobs`` on Discord lists several)."""
+    return f"{BUTTONS['cancel']} {job.id}"
+
+
 def rerolling_text(job: Job) -> str:
     return f"Rerolling as job {job.id}"
+
+
+def varying_text(job: Job) -> str:
+    return f"Varying as job {job.id} (strength {job.request.strength:g})"
 
 
 def original_caption(job: Job) -> str:
@@ -413,7 +498,8 @@ ADMIN_HELP = {
 PLATFORM_HELP = {
     "discord": (
         "On Discord the /draw options do the same as the flags (size: {sizes}). Under each picture: "
-        "Reroll (same settings, new seed), Edit (change the prompt), Info, Delete. "
+        "Reroll (same settings, new seed), Edit (change the prompt), Vary (subtle or strong), Info, Delete. "
+        "Draw from a picture with /draw's image option, or with Apps → Vary this image on any message. "
         "A job that finishes after 15 minutes is posted in the channel with a mention."
     ),
     "telegram": (

@@ -129,12 +129,17 @@ class Lane:
     """Where messages go and which allowance they share: a chat, or a Discord interaction token.
 
     ``board`` says that a live queue board may stand in for per-job status messages here
-    when the lane is busy (a Telegram group); ``key`` is unique across platforms.
+    when the lane is busy (a Telegram group); ``key`` is unique across platforms. ``group``
+    names the place several lanes share (a Discord channel, where each interaction is a lane of
+    its own): while another job of the group is unfinished, a job there gets no status
+    message of its own (its acknowledgement is the platform's, e.g. Discord's deferred
+    response) and progress thins out, so the place costs about one message per image.
     """
 
     key: str
     kind: LaneKind
     board: bool = False
+    group: str | None = None
 
 
 class Phase(enum.StrEnum):

@@ -34,8 +34,9 @@ class RecordingHub:
 
     ``fail_deliveries[job_id] = n`` makes the next n deliveries raise ``DeliveryError``;
     ``unreachable`` holds job ids whose chat is gone. ``budget_factory`` gives each lane its
-    budget (unlimited by default); ``delivery["chat"]`` names the lane and
-    ``delivery["group"]`` makes it a group with a board.
+    budget (unlimited by default); ``delivery["chat"]`` names the lane,
+    ``delivery["group"]`` makes it a group with a board, and ``delivery["place"]`` puts the
+    lane in a lane group (as Discord's interactions share a channel).
     """
 
     platform: str = "test"
@@ -70,6 +71,7 @@ class RecordingHub:
             key=f"{self.platform}:{delivery.get('chat', '')}",
             kind=LaneKind.GROUP if group else LaneKind.PRIVATE,
             board=group,
+            group=str(delivery["place"]) if delivery.get("place") else None,
         )
 
     def budget(self, lane: Lane) -> Budget:

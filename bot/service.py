@@ -47,10 +47,12 @@ from bot.errors import (
     CancelledError,
     DeliveryError,
     GenerationError,
+    MessageRefusedError,
     NotAuthorizedError,
     NotFoundError,
     NoWorkersError,
     QueueFullError,
+    RefusedError,
     RequestError,
     UnreachableError,
     WorkerLostError,
@@ -60,8 +62,8 @@ from bot.grammar import (
     Limits,
     RawOptions,
     build_request,
+    check_request,
     check_strength,
-    find_blocked,
     parse_draw,
     precheck_picture_request,
     split_flags,
@@ -79,9 +81,12 @@ from bot.ports import (
     WorkerState,
 )
 from bot.status import StatusEngine
+from bot.words import find_blocked
 
 _log = logging.getLogger(__name__)
 
+#: the recorded reason of a job cancelled once the GPU had taken it
+_DRAWING_CANCELLED = "cancelled while drawing"
 #: seconds between delivery attempts; the last failure ends the job failed and refunded
 DELIVERY_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
 #: a job whose worker died under it this many times is a "poison job": failed and refunded
@@ -98,6 +103,10 @@ class _Live:
     progress: Progress | None = None
     #: how many workers died under this job
     lost: int = 0
+    #: why a user's (or admin's) cancel was accepted; once set, no result of this job is delivered
+    cancelled_by: str | None = None
+    #: a delivery attempt failed: part of the result may have reached the chat, so a cancel is too late
+    tried: bool = False
 
 
 class Service:
@@ -135,6 +144,9 @@ class Service:
         self._live: dict[str, _Live] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        #: set whenever a job ends (``drain`` re-checks what is left)
+        self._ended = asyncio.Event()
+        self._draining = False
         self.status = StatusEngine(
             progress_interval=settings.progress_interval,
             group_progress_interval=settings.group_progress_interval,
@@ -174,6 +186,46 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._encoder.shutdown(wait=True, cancel_futures=True)
+
+    async def drain(self, grace: float, hurry: asyncio.Event | None = None) -> bool:
+        """Stop taking jobs, then let what is drawing or being delivered finish, for ``grace`` seconds.
+
+        New submits are refused and queued jobs stay queued in the store for the next start. Returns
+        True when every started job ended and every chat was told in time; False when ``grace`` ran
+        out (or ``hurry`` was set): ``close()`` then interrupts what is left, to resume on the next start.
+        """
+        self._draining = True
+        started = [live for live in self._live.values() if live.job.state is not JobState.QUEUED]
+        _log.info("shutting down: stopping intake; %d started job(s) may finish within %.0fs",
+                  len(started), grace)  # fmt: skip
+
+        async def settled() -> None:
+            while any(live.job.state is not JobState.QUEUED for live in self._live.values()):
+                self._ended.clear()
+                await self._ended.wait()
+            await self.status.flushed()
+
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(settled())]
+        if hurry is not None:
+            waiters.append(asyncio.ensure_future(hurry.wait()))
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        finished = waiters[0] in done
+        left = sum(1 for live in self._live.values() if live.job.state is not JobState.QUEUED)
+        queued = len(self._live) - left
+        if finished:
+            _log.info(
+                "shutting down: started jobs finished; %d queued job(s) wait for the next start", queued
+            )
+        else:
+            _log.warning(
+                "shutting down: %d started and %d queued job(s) resume on the next start", left, queued
+            )
+        return finished
 
     async def wait_idle(self) -> None:
         """Wait until every job has reached a final state and every chat has been told."""
@@ -254,6 +306,13 @@ class Service:
 
     # ------------------------------------------------------------------ submit
 
+    def _recheck(self, job: Job, request: DrawRequest) -> None:
+        """A stored request against the current model and limits; ``RequestError`` says what no longer fits."""
+        try:
+            check_request(request, self.profile, self.limits)
+        except RequestError as err:
+            raise RequestError(messages.not_again_text(job, messages.no_longer_fits_text(str(err)))) from None
+
     def _check_content(self, request: DrawRequest, *, nsfw_allowed: bool) -> None:
         # Only the prompt: a negative prompt that names a word asks for its absence.
         word = find_blocked(request.prompt, self.settings.blocked_words)
@@ -273,6 +332,8 @@ class Service:
         nsfw_allowed: bool = True,
     ) -> Ticket:
         """Validate, check bans and limits, reserve credits, persist and queue one job."""
+        if self._draining or self._closing:
+            raise RefusedError(messages.SHUTTING_DOWN)
         self._check_content(request, nsfw_allowed=nsfw_allowed)
         if self._dispatcher.alive == 0:
             raise NoWorkersError(messages.NO_WORKERS)
@@ -339,6 +400,7 @@ class Service:
         """The same settings with a new seed, charged to ``actor``."""
         job = await self.job(job_id)
         request = replace(job.request, seed=None, notes=())
+        self._recheck(job, request)
         return await self.submit(
             actor, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
         )
@@ -348,6 +410,11 @@ class Service:
     def check_picture_size(self, size_bytes: int) -> None:
         """Refuse a picture by the size its platform declares, before downloading it (``MAX_INPUT_BYTES``)."""
         check_size(size_bytes, self.limits.max_input_bytes)
+
+    @property
+    def draws_from_pictures(self) -> bool:
+        """Whether this bot draws from pictures: the model can, and pictures can be kept."""
+        return self._sources is not None and self.profile.img2img is not None
 
     async def keep_picture(self, data: bytes) -> SourceImage:
         """Check a user's picture (size, format by its bytes, pixels before decoding) and keep it.
@@ -368,7 +435,7 @@ class Service:
         self,
         user: UserRef,
         text: str | RawOptions,
-        picture: bytes,
+        picture: bytes | Callable[[], Awaitable[bytes]],
         *,
         delivery: dict[str, Any],
         user_name: str = "",
@@ -376,12 +443,14 @@ class Service:
     ) -> Ticket:
         """Draw from a picture: ``text`` is what follows ``/draw`` (or a platform form's options).
 
-        The words are checked first, then the picture is checked and kept, then the job is
-        submitted like any other (the job row holds the kept picture's reference).
+        The words are checked first, then the picture is fetched (``picture`` may be a download
+        to start only then), checked and kept, then the job is submitted like any other (the job
+        row holds the kept picture's reference).
         """
         options = split_flags(text) if isinstance(text, str) else text
         precheck_picture_request(options, self.profile, self.limits)
-        source = await self.keep_picture(picture)
+        data = picture if isinstance(picture, bytes) else await picture()
+        source = await self.keep_picture(data)
         request = build_request(options, self.profile, self.limits, source)
         return await self.submit(
             user, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
@@ -405,6 +474,7 @@ class Service:
         strength = check_strength(strength, job.request.steps, self.profile)
         source = await self.keep_picture(await self.result_picture(job.id))
         request = replace(job.request, seed=None, count=1, notes=(), strength=strength, source=source.ref)
+        self._recheck(job, request)
         return await self.submit(
             actor, request, delivery=delivery, user_name=user_name, nsfw_allowed=nsfw_allowed
         )
@@ -512,21 +582,39 @@ class Service:
         return max(mine, key=lambda job: job.created_at).id
 
     async def cancel(self, actor: UserRef, job_id: str | None = None, *, vouched: bool = False) -> Job:
-        """Cancel a queued job (refunded at once) or interrupt a running one (refunded when it stops).
+        """Cancel a job, truthfully: honoured (nothing delivered, refunded) or refused as too late.
 
-        Without a job id, the caller's newest unfinished job.
+        A queued job, or one whose result still waits unsent in its chat's outbox, is cancelled
+        and refunded at once (the returned job is CANCELLED). A drawing job (denoising, decoding
+        or being saved) is interrupted; whatever it still produces is thrown away and it is
+        refunded when it stops (the returned job is RUNNING). Once a send of the result has
+        begun, ``RequestError`` says it is too late. Without a job id, the caller's newest
+        unfinished job.
         """
         job_id = job_id.strip() if job_id else self._newest_cancellable(actor)
         job = await self.job(job_id)
         if job.user != actor and not self.is_admin(actor, vouched=vouched):
             raise NotAuthorizedError("you can only cancel your own jobs")
         live = self._live.get(job_id)
-        if live is None or not job.state.cancellable:
-            raise RequestError(f"job {job_id} has already finished ({job.state.value})")
+        if live is None or live.job.state.final:
+            raise RequestError(messages.too_late_text(job))
         who = "you" if actor == job.user else "an admin"
-        if self._queue.remove(job_id):
-            await self._end(live, JobState.CANCELLED, f"cancelled by {who}")
+        # No await between these checks and the decision: the job cannot change phase meanwhile.
+        if live.cancelled_by is not None:
+            return live.job  # already stopping
+        if live.job.state is JobState.QUEUED:  # not started (while shutting down, no longer in the queue)
+            self._queue.remove(job_id)
+            live.cancelled_by = f"cancelled by {who}"
+            await self._end(live, JobState.CANCELLED, live.cancelled_by)
             return live.job
+        if live.job.state is JobState.DELIVERING:
+            if live.tried or not self.status.withdraw(job_id):
+                raise RequestError(messages.too_late_text(live.job))
+            live.cancelled_by = f"cancelled by {who}"
+            _log.info("job %s: result withdrawn before sending, cancelled by %s", job_id, actor.key)
+            await self._end(live, JobState.CANCELLED, live.cancelled_by)
+            return live.job
+        live.cancelled_by = f"cancelled by {who}"
         live.cancel.set()
         _log.info("job %s: cancel requested by %s", job_id, actor.key)
         return live.job
@@ -535,8 +623,8 @@ class Service:
 
     async def _execute(self, worker: Generator, job_id: str) -> None:
         live = self._live.get(job_id)
-        if live is None:
-            self._queue.done(job_id)
+        if live is None or self._draining:
+            self._queue.done(job_id)  # shutting down: a queued job stays queued in the store
             return
         started = self._clock()
         live.started = time.perf_counter()
@@ -565,7 +653,7 @@ class Service:
                              worker.name, err)  # fmt: skip
                 requeued = True
         except CancelledError:
-            failure = (JobState.CANCELLED, "cancelled while drawing")
+            failure = (JobState.CANCELLED, _DRAWING_CANCELLED)
         except GenerationError as err:
             _log.warning("job %s failed: %s", job_id, err)
             failure = (JobState.FAILED, str(err))
@@ -599,6 +687,10 @@ class Service:
             return
         assert rendered is not None
         self._learn_speed(job, rendered)
+        if live.cancelled_by is not None:
+            # cancelled during the decode, after the last step: the cancel was promised, keep it
+            await self._end(live, JobState.CANCELLED, _DRAWING_CANCELLED)
+            return
         # Saving and delivery happen elsewhere: the dispatcher can start the next job now.
         self._spawn(self._finish(live, rendered), f"finish-{job_id}")
 
@@ -621,12 +713,28 @@ class Service:
         loop = asyncio.get_running_loop()
         try:
             saved = await loop.run_in_executor(self._encoder, self._sink.save, job, rendered)
-            await self.store.mark_generated(job.id, [s.path for s in saved])
+        except OSError as err:
+            # a full or unwritable OUTPUT_DIR: one line for the operator; the next job tries again
+            _log.error("job %s: the images could not be saved in %s: %s", job.id, self.settings.output_dir,
+                       err.strerror or err)  # fmt: skip
+            await self._end(live, JobState.FAILED, messages.SAVE_FAILED)
+            return
         except Exception:
             _log.exception("job %s: saving the images failed", job.id)
-            await self._end(live, JobState.FAILED, "the images could not be saved")
+            await self._end(live, JobState.FAILED, messages.SAVE_FAILED)
             return
-        live.job = replace(job, state=JobState.DELIVERING, outputs=tuple(s.path for s in saved))
+        try:
+            await self.store.mark_generated(job.id, [s.path for s in saved])
+        except Exception:
+            _log.exception("job %s: the saved images could not be recorded", job.id)
+            await self._end(live, JobState.FAILED, messages.RECORD_FAILED)
+            return
+        if live.cancelled_by is not None:
+            # cancelled while saving: nothing was sent yet, so the cancel holds
+            await self._end(live, JobState.CANCELLED, _DRAWING_CANCELLED)
+            return
+        # from here on a cancel is answered "too late" once the result's send has begun
+        live.job = replace(live.job, state=JobState.DELIVERING, outputs=tuple(s.path for s in saved))
         await self._deliver(live, saved)
 
     async def _deliver(self, live: _Live, saved: Sequence[SavedImage]) -> None:
@@ -638,6 +746,12 @@ class Service:
         for attempt in range(attempts):
             try:
                 await self.status.deliver(live.job, saved, self._caption)
+            except CancelledError:
+                return  # withdrawn unsent by ``cancel``, which records the end
+            except MessageRefusedError as err:  # the chat is there: tell the requester in a line of text
+                _log.warning("job %s: the result was refused: %s", job.id, err)
+                await self._end(live, JobState.FAILED, f"the result could not be posted: {err}")
+                return
             except UnreachableError as err:
                 _log.warning("job %s: chat unreachable: %s", job.id, err)
                 await self._end(live, JobState.FAILED, f"the chat could not be reached: {err}", notify=False)
@@ -647,6 +761,7 @@ class Service:
                     _log.error("job %s: delivery failed %d times, giving up: %s", job.id, attempts, err)
                     await self._end(live, JobState.FAILED, "the result could not be delivered")
                     return
+                live.tried = True
                 delay = self._backoff[attempt]
                 if not isinstance(err, DeliveryError):
                     _log.exception("job %s: delivery attempt %d failed", job.id, attempt + 1)
@@ -679,6 +794,7 @@ class Service:
         finally:
             self.status.ended(job.id)
             self._live.pop(job.id, None)
+            self._ended.set()
             if not self._live:
                 self._idle.set()
 
@@ -702,6 +818,11 @@ class Service:
                 self._spawn(self._deliver(live, saved), f"redeliver-{job.id}")
                 continue
             live.job = replace(job, state=JobState.QUEUED, started_at=None)
+            reason = self._unfit(job)
+            if reason is not None:
+                _log.warning("job %s: not resumed: %s", job.id, reason)
+                await self._end(live, JobState.FAILED, reason)
+                continue
             record = await self.store.get_user(job.user)
             self._queue.push(job.id, job.user.key, job.gpu_seconds, weight=record.weight if record else 1.0)
             left = None if job.free else (await self.store.balance(job.user, self._policy())).available
@@ -710,6 +831,17 @@ class Service:
             _log.info("recovered %d unfinished job(s)", count)
             self._dispatcher.wake()
         return count
+
+    def _unfit(self, job: Job) -> str | None:
+        """Why a recovered job can no longer run as it was asked (model, limits, words), or None."""
+        if job.model != self.profile.name:
+            return messages.model_changed_text(job, self.profile.name)
+        try:
+            check_request(job.request, self.profile, self.limits)
+            self._check_content(job.request, nsfw_allowed=True)
+        except RequestError as err:
+            return messages.no_longer_fits_text(str(err))
+        return None
 
     # ------------------------------------------------------------------ admin
 

@@ -15,7 +15,11 @@ long). Nothing else is ever dropped.
 A quiet chat sees what it always saw: a status message (queued, then progress), then the
 result replacing it. In a busy group (another job of the chat is unfinished, or its budget
 is low) a job gets no status message of its own: one live *board* per chat shows what is
-drawing and who waits, and each result arrives as a reply to its request. The texts are
+drawing and who waits, and each result arrives as a reply to its request. Lanes that share a
+``Lane.group`` (a Discord channel, where every interaction has a webhook of its own) are busy
+while another job of the group is unfinished: a new job there gets no status edits (the
+platform's own acknowledgement stands), progress of the jobs that have a status thins to the
+group interval, and each result replaces its acknowledgement. The texts are
 ``bot.messages``; the adapters only carry them.
 """
 
@@ -35,7 +39,7 @@ from typing import Any
 from bot import messages
 from bot.budget import Budget
 from bot.domain import Job, Progress, SavedImage, Ticket
-from bot.errors import RateLimitedError
+from bot.errors import CancelledError, RateLimitedError
 from bot.ports import Lane, LaneKind, Phase, Transport
 
 _log = logging.getLogger(__name__)
@@ -66,6 +70,8 @@ class _Op:
     done: asyncio.Future[None] | None = None
     #: for messages whose cost is known only when they go (the board: posting 1, removing 0)
     cost_fn: Callable[[], int] | None = None
+    #: its send was tried once (a 429 puts it back): part of it may have reached the chat
+    tried: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -108,6 +114,8 @@ class StatusEngine:
         self._transports: dict[str, Transport] = {}
         self._lanes: dict[str, _LaneState] = {}
         self._job_lane: dict[str, _LaneState] = {}
+        self._groups: dict[str, set[str]] = {}  # group key -> its unfinished job ids
+        self._job_group: dict[str, str] = {}
         self._progress_interval = progress_interval
         self._group_progress_interval = group_progress_interval
         self._board_interval = board_interval
@@ -194,14 +202,18 @@ class StatusEngine:
         now = self._clock()
         others = [v for v in st.jobs.values() if v.job.id != job.id]
         busy = st.lane.board and (bool(others) or st.budget.free(now) < QUIET_FREE)
+        busy = busy or self._group_busy(st.lane, job.id)
         view = _JobView(job=job, own_status=not busy)
         st.jobs[job.id] = view
         self._job_lane[job.id] = st
+        if st.lane.group is not None:
+            self._groups.setdefault(st.lane.group, set()).add(job.id)
+            self._job_group[job.id] = st.lane.group
         if view.own_status:
             text = messages.ticket_text(ticket) + ("\n" + messages.RESUMED if resumed else "")
             self._push(st, Priority.ACK, lambda: st.transport.status(self._fresh(job), text, Phase.QUEUED),
                        key=("ack", job.id), job_id=job.id)  # fmt: skip
-        else:
+        elif st.lane.board:
             self._board(st, Priority.UPDATE if st.board_shown else Priority.ACK)
 
     def started(self, job: Job) -> None:
@@ -210,7 +222,7 @@ class StatusEngine:
         if view is None or st is None:
             return
         view.job, view.drawing = job, True
-        if not view.own_status:
+        if not view.own_status and st.lane.board:
             self._board(st, Priority.UPDATE)
 
     def progress(self, job: Job, progress: Progress) -> None:
@@ -220,9 +232,8 @@ class StatusEngine:
             return
         view.progress = progress
         now = self._clock()
-        interval = (
-            self._group_progress_interval if st.lane.kind is LaneKind.GROUP else self._progress_interval
-        )
+        shared = st.lane.kind is LaneKind.GROUP or self._group_busy(st.lane, job.id)
+        interval = self._group_progress_interval if shared else self._progress_interval
         if progress.step >= progress.total or now - view.last_update < interval:
             return  # the last step is followed by the result at once
         view.last_update = now
@@ -230,7 +241,7 @@ class StatusEngine:
             text = messages.progress_text(job, progress)
             self._push(st, Priority.UPDATE, lambda: st.transport.status(self._fresh(job), text, Phase.DRAWING),
                        key=("progress", job.id), job_id=job.id)  # fmt: skip
-        else:
+        elif st.lane.board:
             self._board(st, Priority.UPDATE)
 
     async def deliver(self, job: Job, images: Sequence[SavedImage], caption: Callable[[Job], str]) -> None:
@@ -239,10 +250,7 @@ class StatusEngine:
         if st is None:
             raise RuntimeError(f"no transport for {job.user.platform}")
         self._job_lane.setdefault(job.id, st)
-        view = st.jobs.get(job.id)
-        if view is not None:
-            view.job, view.drawing = job, False
-        self._drop_updates(st, job.id)
+        self._settle_updates(st, job)
         cost = st.transport.result_cost(job, images)
         done = asyncio.get_running_loop().create_future()
 
@@ -253,12 +261,29 @@ class StatusEngine:
         self._push(st, Priority.RESULT, run, cost=cost, job_id=job.id, done=done)
         await done
 
+    def withdraw(self, job_id: str) -> bool:
+        """Take back a job's result that still waits in its outbox; False once its send has begun.
+
+        The waiting ``deliver`` call raises ``bot.errors.CancelledError``.
+        """
+        st = self._job_lane.get(job_id)
+        if st is None:
+            return False
+        for op in st.ops:
+            if op.job_id == job_id and op.priority is Priority.RESULT and not op.tried:
+                st.ops.remove(op)
+                if op.done is not None and not op.done.done():
+                    op.done.set_exception(CancelledError("withdrawn before sending"))
+                self._check_idle()
+                return True
+        return False
+
     def failed(self, job: Job, text: str) -> asyncio.Future[None] | None:
         """Tell the chat how the job ended (not delivered); returns when it was said, or None."""
         st = self._lane_of(job.user.platform, job.delivery)
         if st is None:
             return None
-        self._drop_updates(st, job.id)
+        self._settle_updates(st, job)
         done = asyncio.get_running_loop().create_future()
         self._push(
             st, Priority.NOTICE, lambda: st.transport.notice(self._fresh(job), text), job_id=job.id, done=done
@@ -266,7 +291,14 @@ class StatusEngine:
         return done
 
     def ended(self, job_id: str) -> None:
-        """The job reached a final state: it leaves its lane (and the board)."""
+        """The job reached a final state: it leaves its lane (and the board, and its group)."""
+        group = self._job_group.pop(job_id, None)
+        if group is not None:
+            members = self._groups.get(group)
+            if members is not None:
+                members.discard(job_id)
+                if not members:
+                    del self._groups[group]
         st = self._job_lane.pop(job_id, None)
         if st is None:
             return
@@ -299,6 +331,12 @@ class StatusEngine:
             return False
         self._push(st, Priority.NOTICE, lambda: st.transport.say(delivery, text))
         return True
+
+    def _group_busy(self, lane: Lane, job_id: str) -> bool:
+        """Whether another job of the lane's group (a Discord channel) is unfinished."""
+        if lane.group is None:
+            return False
+        return bool(self._groups.get(lane.group, set()) - {job_id})
 
     def _fresh(self, job: Job) -> Job:
         """The job as the service has it now: message ids recorded since the message was queued count."""
@@ -379,6 +417,22 @@ class StatusEngine:
             st.task = asyncio.create_task(self._drain(st), name=f"outbox-{st.lane.key}")
             st.task.add_done_callback(_drain_done)
 
+    def _settle_updates(self, st: _LaneState, job: Job) -> None:
+        """The job's end is on its way: no more progress, in its lane and in the lane it was queued in.
+
+        They differ when the lane changed meanwhile (a Discord interaction's token ran out: the
+        end goes to the channel, while a progress edit may still wait in the interaction's lane).
+        """
+        lanes = [st]
+        queued_in = self._job_lane.get(job.id)
+        if queued_in is not None and queued_in is not st:
+            lanes.append(queued_in)
+        for lane in lanes:
+            view = lane.jobs.get(job.id)
+            if view is not None:
+                view.job, view.drawing = job, False
+            self._drop_updates(lane, job.id)
+
     def _drop_updates(self, st: _LaneState, job_id: str) -> None:
         """A job's result or failure is on its way: its waiting acknowledgement and progress are moot."""
         st.ops = [op for op in st.ops if not (op.job_id == job_id and op.priority >= Priority.ACK)]
@@ -429,6 +483,7 @@ class StatusEngine:
             st.ops.remove(op)
             st.in_flight.append(op)
             spent = st.budget.spend(cost, now)
+            op.tried = True
             try:
                 await op.run()
             except RateLimitedError as err:

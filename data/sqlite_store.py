@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -29,12 +30,22 @@ from bot.domain import (
 from bot.errors import ConfigError, NoCreditsError, NotFoundError, RequestError
 from bot.ports import CreditPolicy
 from data import schema
+from data.lock import ProcessLock
 
 _log = logging.getLogger(__name__)
 
 _UNFINISHED = tuple(s.value for s in JobState if not s.final)
 _UNFINISHED_SQL = ", ".join(f"'{s}'" for s in _UNFINISHED)
 _DAY = 24 * 60 * 60.0
+#: seconds between tries of a write that found the file locked by another process past busy_timeout
+BUSY_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _casefold(value: object) -> object:
@@ -102,7 +113,10 @@ class SqliteStore:
     Every method is atomic: writes run inside ``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on
     any error), and an ``asyncio.Lock`` keeps coroutines from interleaving statements on the
     shared connection. Several stores (processes) may open the same file; ``BEGIN IMMEDIATE``
-    plus ``busy_timeout`` serialise their writes.
+    plus ``busy_timeout`` serialise their writes, and a write that still finds the file busy
+    is tried again after each of ``busy_backoff`` before it fails (nothing was written).
+    ``exclusive``: hold ``<file>.lock`` while open, so a second process (a second bot on the
+    same ``DB_PATH``) refuses to start. A new file is created readable by its owner only.
     """
 
     def __init__(
@@ -111,10 +125,16 @@ class SqliteStore:
         *,
         clock: Callable[[], float] = time.time,
         busy_timeout: float = 10.0,
+        busy_backoff: Sequence[float] = BUSY_BACKOFF,
+        exclusive: bool = False,
     ) -> None:
         self._path = Path(path)
         self._clock = clock
         self._busy_timeout_ms = max(0, int(busy_timeout * 1000))
+        self._busy_backoff = tuple(busy_backoff)
+        self._process_lock = ProcessLock(f"{self._path}.lock") if exclusive else None
+        #: writes that found the file busy and were tried again
+        self.busy_retries = 0
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
 
@@ -135,8 +155,28 @@ class SqliteStore:
         """
         if self._db is not None:
             return
-        await asyncio.to_thread(self._path.parent.mkdir, parents=True, exist_ok=True)
         label = f"database {self._path}"
+        try:
+            await asyncio.to_thread(self._prepare_file, label)
+        except OSError as exc:
+            raise ConfigError(f"cannot open {label}: {exc.strerror or exc}") from None
+        try:
+            await self._open(label)
+        except BaseException:
+            if self._process_lock is not None:
+                self._process_lock.release()
+            raise
+
+    def _prepare_file(self, label: str) -> None:
+        """Take the process lock and create a missing file with mode 0600 (it holds chat tokens)."""
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        if self._process_lock is not None:
+            self._process_lock.acquire(label)
+        if not self._path.exists():
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+    async def _open(self, label: str) -> None:
         try:
             # isolation_level=None: sqlite3 opens no transactions behind our back; we BEGIN ourselves
             db = await aiosqlite.connect(
@@ -147,6 +187,15 @@ class SqliteStore:
         try:
             db.row_factory = sqlite3.Row
             await db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms:d}")
+            await db.create_function("casefold", 1, _casefold, deterministic=True)
+            # a damaged file is reported, before anything (even the journal mode) is written
+            check = _first(await db.execute_fetchall("PRAGMA quick_check(1)"))
+            if check is None or str(check[0]) != "ok":
+                found = " ".join(str(check[0]).split())[:200] if check else "no answer"
+                raise ConfigError(
+                    f"{label} is damaged ({found}); "
+                    "nothing was changed: restore it from a backup or move it away"
+                )
             mode = _first(await db.execute_fetchall("PRAGMA journal_mode = WAL"))
             if mode is None or str(mode[0]).lower() != "wal":
                 _log.warning("%s: WAL mode unavailable, journal mode is %s", label, mode and mode[0])
@@ -154,7 +203,6 @@ class SqliteStore:
             # with WAL, NORMAL never corrupts and keeps every transaction whole; a power cut may lose
             # the last few, each with its job row and ledger rows together
             await db.execute("PRAGMA synchronous = NORMAL")
-            await db.create_function("casefold", 1, _casefold, deterministic=True)
             version = await schema.migrate(db, label=label)
         except BaseException as exc:
             await db.close()
@@ -172,6 +220,8 @@ class SqliteStore:
         async with self._lock:
             self._db = None
             await db.close()
+        if self._process_lock is not None:
+            self._process_lock.release()
 
     async def __aenter__(self) -> SqliteStore:
         await self.start()
@@ -199,13 +249,26 @@ class SqliteStore:
             db = self._conn()
             # IMMEDIATE takes the write lock up front, so a second connection waits in
             # busy_timeout here instead of failing later when a read would upgrade to a write
-            await db.execute("BEGIN IMMEDIATE")
+            await self._begin(db)
             try:
                 yield db
                 await db.execute("COMMIT")
             except BaseException:
                 await schema.rollback(db)
                 raise
+
+    async def _begin(self, db: aiosqlite.Connection) -> None:
+        """``BEGIN IMMEDIATE``, tried again with backoff while another process holds the file."""
+        for delay in (*self._busy_backoff, None):
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if delay is None or not _is_busy(exc):
+                    raise
+                self.busy_retries += 1
+                _log.warning("%s is busy (another process is writing); trying again in %.2gs", self, delay)
+                await asyncio.sleep(delay)
 
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -31,6 +31,11 @@ PARAMETERS_KEY = "parameters"
 JSON_KEY = "brushbot"
 #: re-encoding ladder for uploads over the limit: high quality first
 QUALITIES = (92, 85, 78, 70)
+#: the PNG's deflate setting: run-length matching only. Measured on 2 cores, it is as small as
+#: Pillow's default (level 6) on drawn images and noise alike, and 1.6x (512²) to 3x (1024²) faster
+PNG_OPTIONS: dict[str, Any] = {"compress_level": 1, "compress_type": zlib.Z_RLE}
+#: the chat preview, for platforms that recompress photos anyway: about 1.5 ms at 512²
+PHOTO_QUALITY = 92
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9-]+")
 # one "Key: value" pair of the settings line; values with commas are JSON-quoted
@@ -167,7 +172,9 @@ def _human(n: int) -> str:
 class ImageStore:
     """A ``bot.ports.ImageSink`` writing PNGs under ``output_dir/YYYY-MM-DD/``.
 
-    Blocking (PNG encoding): call it off the event loop and off the GPU thread.
+    Each image is encoded once as a lossless PNG with its metadata (fast deflate settings) and,
+    when ``photos`` is on, once as a JPEG chat preview kept in memory (``SavedImage.photo``).
+    Blocking (encoding): call it off the event loop and off the GPU thread.
     ``clock`` gives the time used in folder and file names.
     """
 
@@ -178,14 +185,16 @@ class ImageStore:
         *,
         sampler: str = "FlowMatchEuler",
         clock: Callable[[], float] = time.time,
+        photos: bool = True,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.model_name = model_name
         self.sampler = sampler
+        self.photos = photos
         self._clock = clock
 
     def save(self, job: Job, rendered: Rendered) -> list[SavedImage]:
-        """Write one PNG per image with its metadata; return them in order."""
+        """Write one PNG per image with its metadata, make its chat preview; return them in order."""
         now = datetime.fromtimestamp(self._clock())
         folder = self.output_dir / now.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
@@ -213,17 +222,33 @@ class ImageStore:
                 if isinstance(image, EncodedImage):
                     partial.write_bytes(_with_chunks(image.png, info))
                 else:
-                    image.save(partial, format="PNG", pnginfo=info)
+                    image.save(partial, format="PNG", pnginfo=info, **PNG_OPTIONS)
                 os.replace(partial, path)
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
             saved.append(
                 SavedImage(
-                    path=str(path), seed=seed, width=width, height=height, size_bytes=path.stat().st_size
+                    path=str(path),
+                    seed=seed,
+                    width=width,
+                    height=height,
+                    size_bytes=path.stat().st_size,
+                    photo=self.photo(image, path.with_suffix(".jpg").name) if self.photos else None,
                 )
             )
         return saved
+
+    @staticmethod
+    def photo(image: Image.Image | EncodedImage, filename: str) -> UploadFile:
+        """A high-quality JPEG of ``image`` for a chat photo (the platform recompresses it anyway)."""
+        if isinstance(image, EncodedImage):
+            # drawn on a Ray worker: decoded here for the JPEG (the worker could send one too)
+            image = Image.open(io.BytesIO(image.png))
+        buf = io.BytesIO()
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        rgb.save(buf, format="JPEG", quality=PHOTO_QUALITY)
+        return UploadFile(data=buf.getvalue(), filename=filename, mime="image/jpeg", format="jpeg")
 
     def _record(self, job: Job, seed: int, width: int, height: int) -> dict[str, Any]:
         request = job.request

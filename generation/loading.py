@@ -1,7 +1,9 @@
-"""Where and how to load the model (device, dtype, offload) and the loading itself."""
+"""Where and how to load the model (device, dtype, memory tier, attention, compile) and the loading itself."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -9,9 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.config import Device, DType, Offload, Settings
+from bot.config import Attention, Device, DType, Offload, Quantize, Settings
 from bot.domain import ModelProfile
 from bot.errors import ConfigError, first_line
+from generation.acceleration import apply_attention, attention_packages, choose_attention, compile_blocks
+from generation.precision import (
+    available_quantizers,
+    choose_tier,
+    component_libraries,
+    installed_packages,
+    quantization_config,
+    require_quantize,
+)
 from generation.presets import (
     PRESETS,
     TINY,
@@ -27,10 +38,8 @@ from generation.tiny import MARKER_FILE, TINY_BUILDERS, marker_preset
 _log = logging.getLogger(__name__)
 
 _GIB = 1024**3
-#: the weights plus activations, VAE decode and allocator slack must fit in free memory
-HEADROOM = 1.2
-#: below this much free GPU memory even whole-model offload (one component at a time) will not fit
-MODEL_OFFLOAD_MIN_FREE = 6 * _GIB
+#: the largest component's share of a model that is no preset (what model offload keeps on the GPU)
+LARGEST_SHARE = 0.75
 
 #: returns the free bytes of the CUDA device, or None when unknown
 FreeBytesFn = Callable[[], int | None]
@@ -38,16 +47,32 @@ FreeBytesFn = Callable[[], int | None]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoadPlan:
-    """Where the pipeline runs: ``device`` is ``cuda``, ``mps`` or ``cpu``; ``reason`` says why."""
+    """Where and how the pipeline runs: ``device`` is ``cuda``, ``mps`` or ``cpu``; ``reason`` says why.
+
+    ``quantize`` is the decided weight precision (``none`` is the 16-bit or float32 ``dtype``),
+    ``attention`` the decided backend, ``compile`` whether the repeated blocks get compiled.
+    """
 
     device: str
     dtype: DType
     offload: Offload
     reason: str
+    quantize: Quantize = Quantize.NONE
+    attention: Attention = Attention.NATIVE
+    compile: bool = False
+
+    @property
+    def tier(self) -> str:
+        """The memory tier in a few words: ``bfloat16``, ``fp8 weights``, ``int8 weights + model offload``."""
+        weights = self.dtype.value if self.quantize is Quantize.NONE else f"{self.quantize.value} weights"
+        return weights if self.offload is Offload.NONE else f"{weights} + {self.offload.value} offload"
 
     def describe(self) -> str:
         """The decision as one log line."""
-        return f"device plan: {self.device} {self.dtype.value}, offload {self.offload.value} ({self.reason})"
+        return (
+            f"device plan: {self.device}, tier {self.tier}, attention {self.attention.value}, "
+            f"compile {'on' if self.compile else 'off'} ({self.reason})"
+        )
 
 
 def _gb(n: int) -> str:
@@ -63,15 +88,20 @@ def decide_plan(
     free_bytes: int | None = None,
     weights_bytes: int | None = None,
     preferred: DType = DType.BFLOAT16,
+    capability: tuple[int, int] | None = None,
+    installed: frozenset[str] = frozenset(),
+    largest_share: float = LARGEST_SHARE,
 ) -> LoadPlan:
-    """Decide device, dtype and offload from what the machine has; a pure function.
+    """Decide device, dtype, memory tier, attention and compilation from what the machine has; pure.
 
     ``weights_bytes`` is the model's size in 16-bit weights (doubled when it will run in
-    float32); ``free_bytes`` is the GPU's free memory. Explicit settings win; a setting the
-    machine cannot honour raises ``ConfigError``. For ``auto``: CUDA, else MPS, else CPU;
-    bf16 on CUDA (fp16 where bf16 is unsupported), fp16 on MPS, float32 on CPU; all on the
-    GPU when weights × 1.2 fit free memory, model offload when not but at least 6 GiB are
-    free, sequential offload below that.
+    float32); ``free_bytes`` is the GPU's free memory, ``capability`` its compute capability;
+    ``installed`` the optional packages importable here (torchao, bitsandbytes, flash_attn...).
+    Explicit settings win; a setting the machine cannot honour raises ``ConfigError``. For
+    ``auto``: CUDA, else MPS, else CPU; bf16 on CUDA (fp16 where bf16 is unsupported), fp16 on
+    MPS, float32 on CPU; on CUDA the tier from ``precision.choose_tier`` (16-bit when weights ×
+    1.1 + 1.5 GiB fit free memory, then 8-bit, 8-bit with model offload, 4-bit, ..., sequential
+    offload last); elsewhere 16/32-bit on the device unless QUANTIZE says otherwise.
     """
     reasons: list[str] = []
     if settings.device is Device.AUTO:
@@ -98,30 +128,45 @@ def decide_plan(
     else:
         dtype = DType.FLOAT32
 
+    quantize = settings.quantize
+    require_quantize(quantize, cuda=device == "cuda", capability=capability, installed=installed)
     if device != "cuda":
         if settings.offload in (Offload.MODEL, Offload.SEQUENTIAL):
             raise ConfigError(f"OFFLOAD={settings.offload.value} needs a CUDA device (DEVICE is {device})")
         offload = Offload.NONE
-    elif settings.offload is not Offload.AUTO:
-        offload = settings.offload
-        reasons.append(f"OFFLOAD={offload.value}")
-    elif not weights_bytes or free_bytes is None:
-        offload = Offload.NONE
-        reasons.append("model size or free memory unknown")
+        # on a CPU or a Mac nothing is short of memory the way a GPU is: quantize only when asked
+        quantize = Quantize.NONE if quantize is Quantize.AUTO else quantize
+        if quantize is not Quantize.NONE:
+            reasons.append(f"QUANTIZE={quantize.value}")
     else:
-        need = weights_bytes * (2 if dtype is DType.FLOAT32 else 1) * HEADROOM
-        if need <= free_bytes:
-            offload = Offload.NONE
-            reasons.append(f"needs {_gb(int(need))}, {_gb(free_bytes)} free")
-        elif free_bytes >= MODEL_OFFLOAD_MIN_FREE:
-            offload = Offload.MODEL
-            reasons.append(f"needs {_gb(int(need))}, only {_gb(free_bytes)} free")
-        else:
-            offload = Offload.SEQUENTIAL
-            reasons.append(
-                f"needs {_gb(int(need))}, only {_gb(free_bytes)} free (< {_gb(MODEL_OFFLOAD_MIN_FREE)})"
-            )
-    return LoadPlan(device=device, dtype=dtype, offload=offload, reason="; ".join(reasons))
+        tier = choose_tier(
+            quantize,
+            settings.offload,
+            free_bytes=free_bytes,
+            weights_bytes=weights_bytes * (2 if dtype is DType.FLOAT32 else 1) if weights_bytes else None,
+            largest_share=largest_share,
+            available=available_quantizers(cuda=True, capability=capability, installed=installed),
+        )
+        quantize, offload = tier.quantize, tier.offload
+        reasons.append(tier.reason)
+    attention, why = choose_attention(
+        settings.attention, cuda=device == "cuda", capability=capability, installed=installed
+    )
+    if why:
+        reasons.append(why)
+    compile_on = settings.compile
+    if compile_on and offload is Offload.SEQUENTIAL:
+        compile_on = False
+        reasons.append("no compile under sequential offload (its hooks break the compiled graph)")
+    return LoadPlan(
+        device=device,
+        dtype=dtype,
+        offload=offload,
+        reason="; ".join(reasons),
+        quantize=quantize,
+        attention=attention,
+        compile=compile_on,
+    )
 
 
 def _safetensors_bytes(folder: Path) -> int:
@@ -152,8 +197,17 @@ def _cuda_free_bytes() -> int | None:
     return int(free)
 
 
+def _capability() -> tuple[int, int] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return int(major), int(minor)
+
+
 def plan_device(settings: Settings, free_bytes_fn: FreeBytesFn | None = None) -> LoadPlan:
-    """Probe torch for devices and free memory, decide with ``decide_plan``, log it in one line."""
+    """Probe torch for devices, free memory and packages, decide with ``decide_plan``, log it in one line."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -161,6 +215,7 @@ def plan_device(settings: Settings, free_bytes_fn: FreeBytesFn | None = None) ->
     mps = bool(mps_backend is not None and mps_backend.is_available())
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     free = (free_bytes_fn or _cuda_free_bytes)() if cuda else None
+    preset = PRESETS.get(settings.model)
     plan = decide_plan(
         settings,
         cuda=cuda,
@@ -169,6 +224,9 @@ def plan_device(settings: Settings, free_bytes_fn: FreeBytesFn | None = None) ->
         free_bytes=free,
         weights_bytes=estimate_weights_bytes(settings.model, settings.model_cache_dir),
         preferred=preferred_dtype(settings.model),
+        capability=_capability() if cuda else None,
+        installed=installed_packages() | attention_packages(),
+        largest_share=preset.largest_share if preset is not None else LARGEST_SHARE,
     )
     _log.info("%s", plan.describe())
     return plan
@@ -223,11 +281,17 @@ def load_pipeline(
         profile = resolve_profile(settings.model, cache_dir=settings.model_cache_dir)
     plan = plan_device(settings, free_bytes_fn)
     source, extra = _source(settings)
+    dtype = torch_dtype(plan.dtype)
+    if plan.quantize is not Quantize.NONE:
+        config = quantization_config(plan.quantize, dtype, _components(source, extra))
+        if config is None:
+            raise ConfigError(
+                f"QUANTIZE={plan.quantize.value}: MODEL={settings.model} has no component to quantize"
+            )
+        extra = {**extra, "quantization_config": config}
     started = time.perf_counter()
     try:
-        pipe = DiffusionPipeline.from_pretrained(
-            source, dtype=torch_dtype(plan.dtype), use_safetensors=True, **extra
-        )
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True, **extra)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load MODEL={settings.model}: {first_line(exc, 300)}") from exc
     index = device_index(settings)
@@ -238,8 +302,30 @@ def load_pipeline(
     else:
         pipe.to(plan.device if index is None or plan.device != "cuda" else f"cuda:{index}")
     pipe.set_progress_bar_config(disable=True)
+    attention = apply_attention(pipe, plan.attention, explicit=settings.attention is not Attention.AUTO)
+    if attention is not plan.attention:
+        plan = dataclasses.replace(
+            plan, attention=attention, reason=f"{plan.reason}; {plan.attention.value} failed"
+        )
+    if plan.compile:
+        compile_blocks(pipe)  # compiles on the first calls: the worker's warm-up makes them
     _log.info("loaded %s from %s in %.1f s", profile.name, source, time.perf_counter() - started)
     return pipe, profile, plan
+
+
+def _components(source: str, extra: dict[str, Any]) -> dict[str, str]:
+    """The pipeline's components and their libraries, from its ``model_index.json`` (local or cached)."""
+    from huggingface_hub import hf_hub_download
+
+    folder = Path(source)
+    if (folder / "model_index.json").is_file():
+        index_path = folder / "model_index.json"
+    else:
+        try:
+            index_path = Path(hf_hub_download(source, "model_index.json", cache_dir=extra.get("cache_dir")))
+        except Exception as exc:
+            raise ConfigError(f"cannot read {source}'s model_index.json: {first_line(exc, 200)}") from exc
+    return component_libraries(json.loads(index_path.read_text(encoding="utf-8")))
 
 
 def doctor_report(settings: Settings) -> list[str]:
@@ -259,6 +345,11 @@ def doctor_report(settings: Settings) -> list[str]:
     else:
         lines.append("cuda: not available (CPU only)")
     lines.append(f"plan: {plan_device(settings).describe()}")
+    found = sorted(installed_packages() | attention_packages())
+    lines.append(
+        f"speed packages: {', '.join(found) or 'none'} (of torchao, bitsandbytes, flash_attn, "
+        "flash_attn_interface, sageattention)"
+    )
     model = settings.model
     profile = resolve_profile(model, cache_dir=settings.model_cache_dir)
     lines.append(

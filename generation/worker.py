@@ -19,6 +19,7 @@ from bot.config import Offload, Settings
 from bot.domain import DrawRequest, ModelProfile
 from bot.errors import BotError, CancelledError, GenerationError, OutOfMemoryError, first_line
 from bot.ports import Rendered, StepCallback
+from generation.acceleration import warm_sizes
 from generation.loading import LoadPlan, load_pipeline
 from generation.presets import resolve_profile
 from generation.sources import SourceStore, img2img_arguments, open_source
@@ -28,6 +29,8 @@ _log = logging.getLogger(__name__)
 #: builds (pipeline, profile, plan) on the worker thread; ``load_pipeline`` with the worker's profile by default
 PipelineFactory = Callable[[Settings], tuple[Any, ModelProfile, LoadPlan]]
 
+#: denoising steps of each warm-up run: the step loop compiles on its first step, the rest reuse it
+WARMUP_STEPS = 2
 _OOM_MESSAGE = "The GPU ran out of memory for this image; try a smaller size or fewer images."
 _STOPPED_MESSAGE = "The image generator is shutting down; try again later."
 _FAILED_MESSAGE = "The image generator failed on this request."
@@ -157,6 +160,12 @@ class Worker:
         self.name = name
         # known before loading, so the core can validate requests while the model loads
         self.profile: ModelProfile = resolve_profile(settings.model, cache_dir=settings.model_cache_dir)
+        if settings.compile:
+            warm_sizes(self.profile, settings.compile_sizes)  # a size the model cannot draw: refused now
+            if not settings.warmup:
+                _log.warning(
+                    "COMPILE=true with WARMUP=false: the first request at each size waits for a compile"
+                )
         self.plan: LoadPlan | None = None
         self.device: str | None = None
         self.load_seconds: float | None = None
@@ -281,7 +290,13 @@ class Worker:
                 )
                 _post(loop, _resolve, ready, None, error)
                 return
-            _log.info("worker %s ready: %s in %.1f s", self.name, self.profile.name, self.load_seconds)
+            _log.info(
+                "worker %s ready: %s, %s, in %.1f s",
+                self.name,
+                self.profile.name,
+                plan.tier,
+                self.load_seconds,
+            )
             _post(loop, _resolve, ready, None, None)
             self._serve(pipe)
         finally:
@@ -310,22 +325,30 @@ class Worker:
                 _post(job.loop, _resolve, job.future, None, GenerationError(_STOPPED_MESSAGE))
 
     def _warm_up(self, pipe: Any) -> None:
-        """One short run at the default size, so the first user does not pay for lazy set-up."""
+        """Short runs before the first user: lazy set-up, and with COMPILE every size worth compiling.
+
+        Without compilation one run at the default size. With it, one at each of the default
+        size, the named sizes and ``COMPILE_SIZES``, so no chat user waits for a compile (a
+        request at another size still works: it recompiles, or runs dynamic, on its first call).
+        """
         p = self.profile
-        started = time.perf_counter()
-        call_pipeline(
-            pipe,
-            DrawRequest(
-                prompt="warm-up",
-                width=p.default_width,
-                height=p.default_height,
-                steps=2,
-                guidance=p.default_guidance,
-            ),
-            (0,),
-            callback=None,
+        compiled = self.plan is not None and self.plan.compile
+        sizes = (
+            warm_sizes(p, self.settings.compile_sizes) if compiled else [(p.default_width, p.default_height)]
         )
-        _log.info("warm-up took %.1f s", time.perf_counter() - started)
+        started = time.perf_counter()
+        for width, height in sizes:
+            size_started = time.perf_counter()
+            call_pipeline(
+                pipe,
+                DrawRequest(prompt="warm-up", width=width, height=height, steps=WARMUP_STEPS,
+                            guidance=p.default_guidance),
+                (0,),
+                callback=None,
+            )  # fmt: skip
+            if compiled:
+                _log.info("compiled %dx%d in %.1f s", width, height, time.perf_counter() - size_started)
+        _log.info("warm-up took %.1f s (%d size(s))", time.perf_counter() - started, len(sizes))
 
     def _run_job(self, pipe: Any, job: _Job) -> None:
         if job.cancel.is_set() or job.abandoned.is_set():

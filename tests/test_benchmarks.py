@@ -185,6 +185,9 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu(runs: dict[str, _Started]) -> None:
     # every speed-up has its row, measured or saying why not
     assert "fp8 layerwise casting" in rows and "torch.compile repeated blocks" in rows
     assert any(name.startswith("attention") for name in rows)
+    # the memory tiers load through load_pipeline: int8 runs on the CPU, the CUDA-only ones say so
+    assert rows["QUANTIZE=int8"]["status"] == "ok" and rows["QUANTIZE=int8"]["first_image_s"] is not None
+    assert rows["QUANTIZE=nf4"]["note"] == "needs CUDA" and "8 GiB budget, QUANTIZE=auto" in rows
     for row in data["rows"]:
         assert row["status"] in ("ok", "partial", "skipped", "unavailable"), row
         assert row["status"] == "ok" or row["note"]
@@ -229,7 +232,9 @@ def test_busy_chat_delivers_and_counts_every_case_against_the_enforcing_fakes(
     assert "all delivered s" in ran.stdout and "per image" in ran.stdout and "429s" in ran.stdout
     assert data["config"]["telegram_group_limit"] == {"calls": 20, "window_s": 3.0}
     cases = data["cases"]
-    assert set(cases) == {"telegram a", "telegram b", "discord a", "discord b", "mixed"}
+    assert set(cases) == {
+        "telegram a", "telegram b", "discord a", "discord b", "mixed", "mixed busy", "mixed busy in fair order"
+    }  # fmt: skip
     for name, case in cases.items():
         # every job arrived (found by the seed in its PNG) and nothing failed; the goals are not asserted
         assert case["delivered"] == case["jobs"] > 0 and case["failed"] == 0, (name, case)
@@ -240,7 +245,8 @@ def test_busy_chat_delivers_and_counts_every_case_against_the_enforcing_fakes(
         spent = case["messages"] + case.get("interaction_callbacks", 0)
         assert spent >= shared and case["per_image"] == round(case["messages"] / shared, 3)
         assert case["rate_limited"] >= 0
-    for name in ("telegram a", "telegram b", "mixed"):
+    assert data["config"]["delivery_ahead_s"] is None
+    for name in ("telegram a", "telegram b", "mixed", "mixed busy", "mixed busy in fair order"):
         case = cases[name]
         assert sum(case["group_calls_by_method"].values()) >= case["messages"]
         assert case["busiest_window"] <= 20  # the fake never let more through than its limit

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -14,14 +15,17 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from adapters.discord_bot import _FIELD_TOKEN, _REDACTED_LOGGERS, _URL_TOKEN, DiscordAdapter
+from adapters.discord import FIELD_TOKEN, REDACTED_LOGGERS, URL_TOKEN, DiscordAdapter
+from adapters.discord.buttons import RESULT_ACTIONS
+from bot import messages
 from bot.config import Settings
-from bot.domain import JobState, LedgerKind, UserRef
+from bot.domain import VARY_STRONG, VARY_SUBTLE, JobState, LedgerKind, UserRef
 from bot.logs import guard_logs
 from bot.service import Service
 from data import SqliteStore
 from generation.images import ImageStore, read_parameters
 from generation.loading import load_pipeline
+from generation.sources import SourceStore
 from generation.worker import Worker
 from tests.fakes.discord_server import (
     CHANNEL_MESSAGE,
@@ -30,13 +34,17 @@ from tests.fakes.discord_server import (
     MANAGE_GUILD,
     MEMBER_PERMISSIONS,
     MODAL,
+    Bucket,
     FakeDiscord,
     FakeInteraction,
     FakeUser,
+    rendered,
 )
+from tests.support import png_header_only
 
 TOKEN = "bot-token-Zm9vYmFyYmF6cXV4LnNlY3JldC5kaXNjb3JkLnRva2Vu"
 WEBHOOK_EDIT = r"/webhooks/\d+/[^/]+/messages/\d+"
+WEBHOOK_ROUTE = "PATCH /webhooks/{webhook_id}/{webhook_token}/messages/{message_id}"
 
 
 class Gate:
@@ -106,7 +114,7 @@ class Bot:
         await self.store.start()
         self.service = Service(
             settings=self.settings, store=self.store, workers=[self.worker], sink=self.sink,
-            delivery_backoff=(0.01, 0.01),
+            delivery_backoff=(0.01, 0.01), sources=SourceStore(self.settings.output_dir),
         )  # fmt: skip
         await self.service.start()
         self.adapter = DiscordAdapter(
@@ -173,6 +181,23 @@ async def worker(tiny_settings: Settings, gate: Gate) -> AsyncIterator[Worker]:
             gate.allow()
 
 
+def bot_on(
+    fake: FakeDiscord, tiny_settings: Settings, worker: Worker, *, token_lifetime: float = 15 * 60,
+    **overrides: Any,
+) -> Bot:  # fmt: skip
+    """The stack (not started yet) against ``fake``."""
+    update: dict[str, Any] = {
+        "discord_token": SecretStr(TOKEN),
+        "discord_api_base_url": fake.url,
+        "discord_gateway_url": fake.gateway_url,
+        "progress_interval": 0.1,
+        "admin_ids": [f"discord:{fake.owner.id}"],
+    }
+    update.update(overrides)
+    return Bot(fake=fake, settings=tiny_settings.model_copy(update=update), worker=worker,
+               token_lifetime=token_lifetime)  # fmt: skip
+
+
 @pytest.fixture
 async def make_bot(
     fake: FakeDiscord, tiny_settings: Settings, worker: Worker
@@ -180,16 +205,7 @@ async def make_bot(
     bots: list[Bot] = []
 
     async def make(*, token_lifetime: float = 15 * 60, **overrides: Any) -> Bot:
-        update: dict[str, Any] = {
-            "discord_token": SecretStr(TOKEN),
-            "discord_api_base_url": fake.url,
-            "discord_gateway_url": fake.gateway_url,
-            "progress_interval": 0.1,
-            "admin_ids": [f"discord:{fake.owner.id}"],
-        }
-        update.update(overrides)
-        bot = Bot(fake=fake, settings=tiny_settings.model_copy(update=update), worker=worker,
-                  token_lifetime=token_lifetime)  # fmt: skip
+        bot = bot_on(fake, tiny_settings, worker, token_lifetime=token_lifetime, **overrides)
         bots.append(bot)
         return await bot.start()
 
@@ -256,7 +272,7 @@ async def ephemeral_answer(fake: FakeDiscord, it: FakeInteraction) -> str:
                 return str(msg["content"])
         return None
 
-    return await fake.wait_until(text)  # type: ignore[no-any-return]
+    return rendered(await fake.wait_until(text))
 
 
 # ---------------------------------------------------------------------- tests
@@ -271,7 +287,8 @@ async def test_draw_defers_shows_progress_and_uploads_the_saved_png(
 
     # commands were synced with typed ranges, size choices and a hidden admin group
     commands = {c["name"]: c for c in fake.commands[None]}
-    assert set(commands) == {"draw", "credits", "jobs", "queue", "cancel", "help", "brush"}
+    assert set(commands) == {"draw", "credits", "jobs", "queue", "cancel", "help", "brush", "Vary this image"}
+    assert commands["Vary this image"]["type"] == 3  # a message command
     options = {o["name"]: o for o in commands["draw"]["options"]}
     assert options["steps"]["max_value"] == bot.settings.max_steps
     assert options["count"]["max_value"] == bot.settings.max_images
@@ -308,7 +325,7 @@ async def test_draw_defers_shows_progress_and_uploads_the_saved_png(
     assert meta["seed"] == "42" and meta["brushbot"]["seed"] == 42
     for needle in ("a red fox in snow", "seed 42", "4 steps", "48x80", job.model):
         assert needle in result["content"]
-    assert fake.custom_ids(result) == [f"bb:{a}:{job_id}" for a in ("reroll", "edit", "info", "delete")]
+    assert fake.custom_ids(result) == [f"bb:{a}:{job_id}" for a in RESULT_ACTIONS]
 
     # no token anywhere: not in the log (at DEBUG), not in any body the bot sent
     for record in caplog.records:
@@ -320,14 +337,16 @@ async def test_draw_defers_shows_progress_and_uploads_the_saved_png(
 async def test_two_users_jobs_interleave_fairly(
     fake: FakeDiscord, make_bot: Callable[..., Any], gate: Gate
 ) -> None:
+    # one channel each: a quiet channel shows each job's ticket (a busy one is tested below)
+    rooms = [fake.add_channel(f"room{n}") for n in range(4)]
     await make_bot()
     alice, bob = fake.add_user("alice"), fake.add_user("bob")
     gate.close()
-    first, _ = await draw(fake, alice, prompt="alice one", steps=1)
+    first, _ = await draw(fake, alice, prompt="alice one", steps=1, channel=rooms[0])
     assert await gate.wait_entered() == "alice one"  # running, held at the gate
-    await draw(fake, alice, prompt="alice two", steps=1)
-    await draw(fake, alice, prompt="alice three", steps=1)
-    bobs, bob_status = await draw(fake, bob, prompt="bob one", steps=1)
+    await draw(fake, alice, prompt="alice two", steps=1, channel=rooms[1])
+    await draw(fake, alice, prompt="alice three", steps=1, channel=rooms[2])
+    bobs, bob_status = await draw(fake, bob, prompt="bob one", steps=1, channel=rooms[3])
     # bob waits behind at most the running job: ahead of alice's queued ones
     assert "next in line" in bob_status["content"] or "position 2 in" in bob_status["content"]
     gate.allow()
@@ -366,7 +385,7 @@ async def test_every_result_button_works_after_a_restart(
     assert "Prompt: a lighthouse" in text and "seed 7" in text and "delivered" in text
 
     denied = await fake.click(result, f"bb:delete:{job_id}", mallory)
-    assert "only the person who asked" in await ephemeral_answer(fake, denied)
+    assert "Only the person who asked" in await ephemeral_answer(fake, denied)
     assert int(result["id"]) in fake.messages
 
     reroll = await fake.click(result, f"bb:reroll:{job_id}", alice)
@@ -393,13 +412,14 @@ async def test_every_result_button_works_after_a_restart(
 async def test_cancel_buttons_and_commands_before_and_after_a_restart(
     fake: FakeDiscord, make_bot: Callable[..., Any], gate: Gate
 ) -> None:
+    rooms = [fake.add_channel(f"room{n}") for n in range(3)]  # quiet channels: each job has its status
     bot = await make_bot()
     alice, bob = fake.add_user("alice"), fake.add_user("bob")
     gate.close()
-    a_it, a_status = await draw(fake, alice, prompt="alice running", steps=1)
+    a_it, a_status = await draw(fake, alice, prompt="alice running", steps=1, channel=rooms[0])
     assert await gate.wait_entered() == "alice running"
-    b_it, b_status = await draw(fake, bob, prompt="bob waiting", steps=1)
-    _, c_status = await draw(fake, bob, prompt="bob second", steps=1)
+    b_it, b_status = await draw(fake, bob, prompt="bob waiting", steps=1, channel=rooms[1])
+    _, c_status = await draw(fake, bob, prompt="bob second", steps=1, channel=rooms[2])
     a_id, b_id, c_id = (job_id_of(m["content"]) for m in (a_status, b_status, c_status))
 
     queue = await fake.slash("queue", alice)
@@ -461,7 +481,7 @@ async def test_admin_commands_are_refused_to_members_and_work_for_admins(
     assert bot.store is not None
     for command, options in calls:
         it = await fake.slash(command, member, **options)
-        assert await ephemeral_answer(fake, it) == "only bot admins can do that", command
+        assert await ephemeral_answer(fake, it) == "Only bot admins can do that", command
     assert await bot.store.history(target_ref) == []
 
     answers = {}
@@ -491,14 +511,14 @@ async def test_a_configured_server_permission_makes_admins(
     target = fake.add_user("target2")
     bot = await make_bot(discord_admin_permission=None)
     it = await fake.slash("brush quota grant", manager, user=target, credits=2)
-    assert await ephemeral_answer(fake, it) == "only bot admins can do that"  # ADMIN_IDS only by default
+    assert await ephemeral_answer(fake, it) == "Only bot admins can do that"  # ADMIN_IDS only by default
     await bot.stop()
 
     bot = await make_bot(discord_admin_permission="manage_guild")
     it = await fake.slash("brush quota grant", manager, user=target, credits=2)
     assert "credit(s) available" in await ephemeral_answer(fake, it)
     it = await fake.slash("brush stats", fake.add_user("plain"))
-    assert await ephemeral_answer(fake, it) == "only bot admins can do that"
+    assert await ephemeral_answer(fake, it) == "Only bot admins can do that"
     grants = await bot.store.history(UserRef(platform="discord", id=str(target.id)))
     assert [e.actor for e in grants] == [f"discord:{manager.id}"]
 
@@ -515,7 +535,7 @@ async def test_no_credits_left_is_a_clear_message_and_no_job(
 
     again = await fake.slash("draw", alice, prompt="one more", steps=1)
     text = await ephemeral_answer(fake, again)
-    assert "not enough credits" in text and "Credits refill at" in text
+    assert "Not enough credits" in text and "Credits refill at" in text
     assert again.original_message_id not in fake.messages
     assert bot.store is not None and len(await bot.store.user_jobs(alice_ref)) == 1
 
@@ -553,7 +573,7 @@ async def test_a_late_result_goes_to_the_channel_and_a_gone_channel_refunds(
     await bot.wait_state(job_id, JobState.DELIVERED)
     job = await bot.svc.job(job_id)
     assert fake.files_of(late)[0][1] == Path(job.outputs[0]).read_bytes()
-    assert fake.custom_ids(late) == [f"bb:{a}:{job_id}" for a in ("reroll", "edit", "info", "delete")]
+    assert fake.custom_ids(late) == [f"bb:{a}:{job_id}" for a in RESULT_ACTIONS]
     await fake.wait_until(lambda: "is done" in content(fake, it.original_message_id))
 
     # with a short token lifetime the adapter goes to the channel without trying the token first
@@ -586,7 +606,7 @@ async def test_an_oversized_result_falls_back_to_a_smaller_encoding(
     [(filename, data)] = fake.files_of(result)
     assert Path(job.outputs[0]).stat().st_size > 5000  # the PNG itself would not fit
     assert filename.endswith((".jpg", ".webp")) and len(data) <= 5000
-    assert "to fit Discord's upload limit" in result["content"]
+    assert "to fit the upload limit" in result["content"]
 
 
 async def test_rate_limits_and_a_refused_upload_are_survived(
@@ -649,7 +669,7 @@ def test_tokens_are_redacted_in_messages_and_tracebacks() -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     # the filter the adapter installs: on the root handlers and on discord.py's (and our) loggers
-    undo = guard_logs([TOKEN], (_URL_TOKEN, _FIELD_TOKEN), _REDACTED_LOGGERS)
+    undo = guard_logs([TOKEN], (URL_TOKEN, FIELD_TOKEN), REDACTED_LOGGERS)
     late = io.StringIO()  # a handler added afterwards on a guarded logger is covered too
     late_handler = logging.StreamHandler(late)
     own = logging.getLogger("discord.webhook.async_")
@@ -672,3 +692,329 @@ def test_tokens_are_redacted_in_messages_and_tracebacks() -> None:
         assert interaction_token not in logged and TOKEN not in logged
         assert "/webhooks/1234567890/[redacted]/messages" in logged and "'token': '[redacted]'" in logged
     assert not handler.filters and not own.filters  # undone
+
+
+# ---------------------------------------------------------------------- busy channels
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Poll a condition of the service (the fake's own waits only wake on its requests)."""
+    for _ in range(2000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
+
+
+def answered_to(fake: FakeDiscord, it: FakeInteraction) -> list[Any]:
+    """Requests after the acknowledgement that wrote to this interaction's messages (its webhook)."""
+    return [
+        r for r in fake.requests
+        if r.method in ("POST", "PATCH") and r.path.startswith("/webhooks/") and it.token in r.path
+        and 200 <= r.status < 300
+    ]  # fmt: skip
+
+
+def messages_in(fake: FakeDiscord, channel_id: int, since: int = 0) -> list[Any]:
+    """What the channel saw of the bot beyond the acknowledgements every interaction must get."""
+    return [r for r in fake.writes(channel_id)[since:] if not r.path.startswith("/interactions/")]
+
+
+async def test_a_quiet_channel_still_shows_status_and_progress(
+    fake: FakeDiscord, make_bot: Callable[..., Any]
+) -> None:
+    bot = await make_bot()
+    alice = fake.add_user("alice")
+    it, status = await draw(fake, alice, prompt="a quiet pond", steps=8)
+    job_id = job_id_of(status["content"])
+    await result_of(fake, it.original_message_id)
+    await bot.wait_state(job_id, JobState.DELIVERED)
+    texts = [str((r.json or {}).get("content", "")) for r in answered_to(fake, it)]
+    assert texts[0].startswith(f"Queued job {job_id}")
+    assert any(t.startswith(f"Drawing job {job_id}") for t in texts), (
+        "a quiet channel sees its job's progress"
+    )
+    assert texts[-1].startswith("a quiet pond")  # the result took the status message's place
+
+
+async def test_a_busy_channel_costs_about_one_message_per_image_and_each_result_replaces_its_ack(
+    fake: FakeDiscord, make_bot: Callable[..., Any], gate: Gate
+) -> None:
+    bot = await make_bot()
+    people = [fake.add_user(f"user{n}") for n in range(6)]
+    gate.close()
+    since = len(fake.writes(fake.general.id))
+    first, status = await draw(fake, people[0], prompt="picture 0 --seed 0", steps=8)
+    await gate.wait_entered()
+    others = [await fake.slash("draw", user, prompt=f"picture {n} --seed {n}", steps=8)
+              for n, user in enumerate(people[1:], start=1)]  # fmt: skip
+    for it in others:
+        await fake.wait_response(it)
+        assert it.callback_type == DEFERRED_CHANNEL_MESSAGE  # the deferral is the acknowledgement
+    await until(lambda: len(bot.svc.queue_view().entries) == 6)
+    assert all(not answered_to(fake, it) for it in others)  # no tickets while the channel is busy
+    gate.allow()
+    results = [await result_of(fake, it.original_message_id) for it in [first, *others]]
+    for n, result in enumerate(results):
+        assert result["content"].startswith(f"picture {n}") and f"seed {n}" in result["content"]
+        await bot.wait_state(job_of(result), JobState.DELIVERED)
+    for it in others:
+        assert len(answered_to(fake, it)) == 1  # its result, nothing else
+    # the first job found the channel quiet (its ticket, maybe a progress edit); the others cost one each
+    assert len(messages_in(fake, fake.general.id, since)) <= 6 + 1 + 2
+    assert job_of(results[0]) == job_id_of(status["content"])
+
+
+async def test_a_refusal_in_a_busy_channel_still_gets_its_line(
+    fake: FakeDiscord, make_bot: Callable[..., Any], gate: Gate
+) -> None:
+    bot = await make_bot()
+    gate.close()
+    for n in range(4):
+        await fake.wait_response(
+            await fake.slash("draw", fake.add_user(f"user{n}"), prompt=f"busy {n}", steps=1)
+        )
+    await until(lambda: len(bot.svc.queue_view().entries) == 4)
+    refused = await fake.slash("draw", fake.add_user("eve"), prompt="too long --steps 9999")
+    line = await ephemeral_answer(fake, refused)
+    assert "9999" in line and "\n" not in line and refused.callback_type == CHANNEL_MESSAGE
+    gate.allow()
+    await until(lambda: not bot.svc.queue_view().entries)
+
+
+async def test_results_are_not_delayed_by_progress_in_a_tight_bucket(
+    tiny_settings: Settings, worker: Worker
+) -> None:
+    # an interaction's webhook takes 3 calls in 10 s here: the ticket, at most one progress edit,
+    # and the result must never wait for the window because progress used it up
+    buckets = {WEBHOOK_ROUTE: Bucket(name="webhook", limit=3, per=10.0)}
+    async with FakeDiscord(token=TOKEN, buckets=buckets) as fake:
+        bot = bot_on(fake, tiny_settings, worker, progress_interval=0.01, group_progress_interval=0.01)
+        await bot.start()
+        try:
+            it, status = await draw(fake, fake.add_user("alice"), prompt="a tight bucket", steps=8)
+            await result_of(fake, it.original_message_id)
+            await bot.wait_state(job_id_of(status["content"]), JobState.DELIVERED)
+            calls = answered_to(fake, it)
+            assert len(calls) <= 3 and calls[-1].files  # the result went in the bucket's first window
+            assert calls[-1].at - calls[0].at < 10.0
+            assert not fake.rate_limited, [f"{r.method} {r.path}" for r in fake.rate_limited]
+        finally:
+            await bot.stop()
+
+
+async def test_a_429_that_arrives_anyway_is_honoured_and_nothing_is_lost(
+    fake: FakeDiscord, make_bot: Callable[..., Any], gate: Gate
+) -> None:
+    bot = await make_bot()
+    people = [fake.add_user(f"user{n}") for n in range(5)]
+    gate.close()
+    fake.rate_limit("PATCH", WEBHOOK_EDIT, retry_after=0.3, times=3)  # Discord disagrees with the headers
+    its = [await fake.slash("draw", user, prompt=f"limited {n}", steps=1) for n, user in enumerate(people)]
+    for it in its:
+        await fake.wait_response(it)
+    gate.allow()
+    results = [await result_of(fake, it.original_message_id) for it in its]
+    assert len([r for r in fake.requests if r.injected and r.status == 429]) == 3
+    assert bot.store is not None
+    for user, result in zip(people, results, strict=True):
+        [job] = await bot.store.user_jobs(UserRef(platform="discord", id=str(user.id)))
+        assert job.state is JobState.DELIVERED and job.id == job_of(result)
+    uploads = [r for r in fake.requests if r.files and 200 <= r.status < 300]
+    assert len(uploads) == 5  # each delivered once
+
+
+async def test_cancel_without_an_id_cancels_the_newest_job(
+    fake: FakeDiscord, make_bot: Callable[..., Any], gate: Gate
+) -> None:
+    bot = await make_bot()
+    alice = fake.add_user("alice")
+    gate.close()
+    _, status = await draw(fake, alice, prompt="older", steps=1)
+    await gate.wait_entered()
+    newer = await fake.slash("draw", alice, prompt="newer", steps=1)
+    await fake.wait_response(newer)
+    await until(lambda: len(bot.svc.queue_view().entries) == 2)
+    assert bot.store is not None
+    newest, older = await bot.store.user_jobs(UserRef(platform="discord", id=str(alice.id)))
+    assert older.id == job_id_of(status["content"]) and newest.request.prompt == "newer"
+    cmd = await fake.slash("cancel", alice)
+    assert await ephemeral_answer(fake, cmd) == f"Cancelled job {newest.id}. 1 credit(s) refunded."
+    await fake.wait_until(lambda: "was cancelled" in content(fake, newer.original_message_id))
+    assert (
+        await bot.job_state(older.id) is JobState.QUEUED or await bot.job_state(older.id) is JobState.RUNNING
+    )
+    gate.allow()
+    await bot.wait_state(older.id, JobState.DELIVERED)
+    cmd = await fake.slash("cancel", alice)
+    assert await ephemeral_answer(fake, cmd) == messages.sentence(messages.NOTHING_TO_CANCEL)
+
+
+async def test_the_same_sentence_reads_the_same_on_discord_and_the_console(
+    fake: FakeDiscord, make_bot: Callable[..., Any]
+) -> None:
+    from adapters.console import ConsoleAdapter
+
+    bot = await make_bot()
+    out = io.StringIO()
+    console = ConsoleAdapter(
+        bot.svc, stdin=io.StringIO(""), stdout=out, user=UserRef(platform="console", id="me")
+    )
+    alice = fake.add_user("alice")
+    shown_on_discord = [
+        await ephemeral_answer(fake, await fake.slash("draw", alice, prompt="a fox --steps 9999")),
+        await ephemeral_answer(fake, await fake.slash("cancel", alice)),
+        await ephemeral_answer(fake, await fake.slash("credits", alice)),
+    ]
+    for line in ["/draw a fox --steps 9999", "/cancel", "/credits"]:
+        try:
+            await console.handle(line)
+        except Exception as err:  # the console's loop turns core errors into their line
+            console.say("⚠ " + messages.error_text(err, bot.svc.next_refill_text()))
+    shown = [line.removeprefix("⚠ ") for line in out.getvalue().splitlines()]
+    assert shown_on_discord[:2] == shown[:2]  # the refusal and "nothing to cancel", word for word
+    assert shown_on_discord[2].split(":")[0] == shown[2].split(":")[0]  # "You have 10 credit(s) left"
+
+
+# ---------------------------------------------------------------------- drawing from a picture
+
+
+@pytest.fixture
+async def picture_bot(fake: FakeDiscord, tiny_settings: Settings, tiny_worker: Worker) -> AsyncIterator[Bot]:
+    """The stack on a plain worker: image-to-image needs the real pipeline (the gate's wrapper is not one)."""
+    bot = bot_on(fake, tiny_settings, tiny_worker, max_input_bytes=64 * 1024)
+    await bot.start()
+    try:
+        yield bot
+    finally:
+        await bot.stop()
+
+
+def png(width: int = 96, height: int = 64, colour: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def gif() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(out, format="GIF")
+    return out.getvalue()
+
+
+async def test_draw_with_an_image_option_draws_from_it_and_records_the_strength(
+    fake: FakeDiscord, picture_bot: Bot, tmp_path: Path
+) -> None:
+    bot = picture_bot
+    alice = fake.add_user("alice")
+    commands = {c["name"]: c for c in fake.commands[None]}
+    options = {o["name"]: o for o in commands["draw"]["options"]}
+    assert options["image"]["type"] == 11 and options["strength"]["max_value"] == 1.0
+    it, status = await draw(fake, alice, prompt="a watercolour", steps=4, image=fake.upload("in.png", png()),
+                            strength=0.5)  # fmt: skip
+    job_id = job_id_of(status["content"])
+    result = await result_of(fake, it.original_message_id)
+    await bot.wait_state(job_id, JobState.DELIVERED)
+    job = await bot.svc.job(job_id)
+    assert job.request.strength == 0.5 and job.request.source
+    assert "strength 0.5" in result["content"]
+    [(filename, data)] = fake.files_of(result)
+    (tmp_path / filename).write_bytes(data)
+    meta = read_parameters(tmp_path / filename)
+    assert meta["denoising_strength"] == "0.5" and meta["source_hash"] == job.request.source[:10]
+
+
+async def test_pictures_are_refused_in_one_line_with_no_credit_spent(
+    fake: FakeDiscord, picture_bot: Bot
+) -> None:
+    bot = picture_bot  # MAX_INPUT_BYTES 64 KiB
+    alice = fake.add_user("alice")
+    alice_ref = UserRef(platform="discord", id=str(alice.id))
+    noise = bytes(range(256)) * 320  # 80 kB: over the limit by its declared size
+    cases = [
+        (fake.upload("big.png", b"\x89PNG\r\n\x1a\n" + noise), "the limit is"),
+        (fake.upload("bomb.png", png_header_only(20000, 20000)), "over 179 megapixels"),
+        (fake.upload("anim.gif", gif(), "image/gif"), "GIF"),
+        (fake.upload("notes.png", b"just some text, not a picture at all"), "PNG, JPEG or WebP"),
+    ]
+    before = len(fake.requests)
+    for upload, reason in cases:
+        it = await fake.slash("draw", alice, prompt="from this", image=upload)
+        line = await ephemeral_answer(fake, it)
+        assert reason in line and "\n" not in line, line
+        left = fake.messages.get(it.original_message_id or 0)
+        assert left is None or left["flags"] & EPHEMERAL  # no public "thinking…" left behind
+    downloads = [r for r in fake.requests[before:] if "/attachments/" in r.path]
+    assert not downloads  # the REST log never sees CDN downloads; the big one was refused before it
+    assert bot.store is not None and await bot.store.user_jobs(alice_ref) == []
+    credits = await fake.slash("credits", alice)
+    assert f"You have {bot.settings.daily_credits} credit(s) left" in await ephemeral_answer(fake, credits)
+
+
+async def test_vary_this_image_on_a_members_picture_and_on_our_result(
+    fake: FakeDiscord, picture_bot: Bot
+) -> None:
+    bot = picture_bot
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    posted = fake.post_as(bob, fake.general, "a castle on a hill", [("castle.png", png(80, 48))])
+    it = await fake.message_command("Vary this image", alice, posted)
+    await fake.wait_response(it)
+    assert it.callback_type == DEFERRED_CHANNEL_MESSAGE
+    result = await result_of(fake, it.original_message_id)
+    job = await bot.svc.job(job_of(result))
+    assert job.request.prompt == "a castle on a hill" and job.request.source and job.user.id == str(alice.id)
+    await bot.wait_state(job.id, JobState.DELIVERED)
+
+    again = await fake.message_command("Vary this image", bob, fake.messages[int(result["id"])])
+    varied = await result_of(fake, (await fake.wait_response(again)).original_message_id)
+    second = await bot.svc.job(job_of(varied))
+    assert second.request.prompt == "a castle on a hill" and second.request.strength == VARY_SUBTLE
+    assert second.id != job.id and second.request.source != job.request.source
+
+    bare = fake.post_as(bob, fake.general, "no picture here")
+    refused = await fake.message_command("Vary this image", alice, bare)
+    assert await ephemeral_answer(fake, refused) == messages.sentence(messages.NO_PICTURE_IN_MESSAGE)
+
+
+async def test_vary_buttons_work_after_a_restart(fake: FakeDiscord, picture_bot: Bot) -> None:
+    bot = picture_bot
+    alice = fake.add_user("alice")
+    it, status = await draw(fake, alice, prompt="a lantern --seed 3", steps=4)
+    job_id = job_id_of(status["content"])
+    result = await result_of(fake, it.original_message_id)
+    await bot.wait_state(job_id, JobState.DELIVERED)
+    await bot.restart()
+    for action, strength in (("subtle", VARY_SUBTLE), ("strong", VARY_STRONG)):
+        click = await fake.click(result, f"bb:{action}:{job_id}", alice)
+        await fake.wait_response(click)
+        assert click.callback_type == DEFERRED_CHANNEL_MESSAGE
+        varied = await result_of(fake, click.original_message_id)
+        job = await bot.svc.job(job_of(varied))
+        assert job.request.prompt == "a lantern" and job.request.strength == strength
+        assert job.seeds != (3,) and f"strength {strength:g}" in varied["content"]
+        await bot.wait_state(job.id, JobState.DELIVERED)
+
+
+async def test_user_text_cannot_format_link_unfurl_or_mention(
+    fake: FakeDiscord, make_bot: Callable[..., Any]
+) -> None:
+    bot = await make_bot()
+    alice = fake.add_user("alice")
+    hostile = "[free nitro](https://evil.example/claim) **boss** __u__ ||x|| `c` @everyone <@1> <#2>"
+    it, status = await draw(fake, alice, prompt=f"{hostile} --seed 3")
+    result = await result_of(fake, it.original_message_id)
+    await bot.wait_state(job_id_of(status["content"]), JobState.DELIVERED)
+    for raw in (status["content"], result["content"]):
+        # no masked link, no bold/underline/spoiler/code, no mention: every marker is escaped
+        assert not re.search(r"(?<!\\)\[[^\]]*(?<!\\)\]\(", raw), raw
+        assert not re.search(r"(?<!\\)(\*\*|__|\|\||`)", raw), raw
+        assert "@everyone" not in raw and not re.search(r"(?<!\\)<[@#]", raw), raw
+    assert "<https://evil.example/claim>" in result["content"]  # clickable, but Discord shows no preview
+    # and people read exactly what was typed
+    assert rendered(result["content"]).replace("<https://evil.example/claim>", "https://evil.example/claim") \
+        .replace("@\u200beveryone", "@everyone").startswith(hostile)  # fmt: skip
+    assert result.get("mentions", []) == [] and not result.get("mention_everyone")

@@ -82,6 +82,24 @@ def test_save_names_files_and_writes_metadata(store: ImageStore, tmp_path: Path)
     assert read_parameters(saved[1].path)["seed"] == "8"
 
 
+def test_each_image_is_saved_lossless_with_a_jpeg_preview_for_chat_photos(store: ImageStore) -> None:
+    req = DrawRequest(prompt="smooth", width=96, height=64, steps=8, guidance=0.0)
+    gradient = Image.fromarray(np.tile(np.arange(96, dtype=np.uint8) * 2, (64, 1))).convert("RGB")
+    [saved] = store.save(job(req, (3,)), Rendered(images=[gradient], seeds=(3,), seconds=0.1))
+    with Image.open(saved.path) as png:
+        assert png.format == "PNG" and np.array_equal(np.asarray(png), np.asarray(gradient))  # lossless
+    photo = saved.photo
+    assert photo is not None and (photo.mime, photo.format, photo.reencoded) == ("image/jpeg", "jpeg", True)
+    assert photo.filename == Path(saved.path).with_suffix(".jpg").name
+    with Image.open(io.BytesIO(photo.data)) as jpeg:
+        assert jpeg.format == "JPEG" and jpeg.size == (96, 64)
+        # high quality: close to the original everywhere
+        assert np.abs(np.asarray(jpeg, dtype=int) - np.asarray(gradient, dtype=int)).max() <= 8
+    plain = ImageStore(store.output_dir, "tiny", clock=lambda: WHEN, photos=False)
+    [no_photo] = plain.save(job(req, (4,), "j2"), Rendered(images=[gradient], seeds=(4,), seconds=0.1))
+    assert no_photo.photo is None
+
+
 def test_unicode_multiline_prompt_and_negative_round_trip(store: ImageStore) -> None:
     prompt = "一只红狐狸\n在雪中 🦊"
     req = DrawRequest(

@@ -55,16 +55,18 @@ class Harness:
     def __init__(self, tmp_path: Path, **overrides: Any) -> None:
         self.settings = make_settings(tmp_path, **overrides)
         self.hub = RecordingHub()
-        self.gen = ScriptedGenerator()
+        self.gen: Any = ScriptedGenerator()
+        self.sink: Any = None  # None: a real ImageStore in the output folder
+        self.store_options: dict[str, Any] = {}
 
     async def open(self) -> Service:
-        self.store = SqliteStore(self.settings.db_path)
+        self.store = SqliteStore(self.settings.db_path, **self.store_options)
         await self.store.start()
         self.service = Service(
             settings=self.settings,
             store=self.store,
             workers=[self.gen],
-            sink=ImageStore(self.settings.output_dir, self.gen.profile.name),
+            sink=self.sink or ImageStore(self.settings.output_dir, self.gen.profile.name),
             delivery_backoff=(0.01, 0.01, 0.01),
             sources=SourceStore(self.settings.output_dir),
         )

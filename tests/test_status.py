@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -131,6 +132,47 @@ async def test_a_busy_group_gets_a_board_instead_of_status_messages() -> None:
         status.ended(j.id)
     await asyncio.sleep(0.05)
     assert hub.events[-1].kind == "board" and hub.events[-1].data is None  # removed when the chat is done
+    await status.close()
+
+
+async def test_lanes_of_a_busy_place_skip_their_status_and_have_no_board() -> None:
+    hub = RecordingHub()
+    status = engine(hub)
+    jobs = [job(n, chat=f"it{n}") for n in range(4)]
+    for j in jobs:
+        j.delivery["place"] = "channel"  # each job its own lane (an interaction), one shared channel
+        status.queued(j, ticket(j))
+    await status.flushed()
+    assert [e.job_id for e in hub.events] == ["job0"]  # the first found the channel quiet; no board
+    for j in jobs[1:]:
+        status.started(j)
+        status.progress(j, Progress(step=1, total=10, elapsed=0.0))
+    await asyncio.sleep(0.05)
+    assert [e.kind for e in hub.events] == ["queued"]  # no progress for jobs without a status
+    for j in jobs:
+        await status.deliver(j, [image()], lambda j: "caption")
+        status.ended(j.id)
+    later = job(9, chat="it9")
+    later.delivery["place"] = "channel"
+    status.queued(later, ticket(later))  # the channel is quiet again
+    await status.flushed()
+    assert hub.of("job9", "queued")
+    await status.close()
+
+
+async def test_a_job_whose_lane_changed_gets_no_progress_after_its_result() -> None:
+    hub = RecordingHub(budget_factory=lambda lane: SlidingWindow(2, 0.3))
+    status = engine(hub)
+    a = job(1, chat="interaction")
+    status.queued(a, ticket(a))
+    await status.flushed()
+    status.started(a)
+    status.progress(a, Progress(step=1, total=10, elapsed=0.0))  # waits for slack in the first lane
+    moved = replace(a, delivery={"chat": "channel"})  # e.g. a Discord token ran out: the channel now
+    await status.deliver(moved, [image()], lambda j: "caption")
+    await asyncio.sleep(0.5)
+    kinds = [e.kind for e in hub.events]
+    assert kinds[-1] == "delivered" and "progress" not in kinds[kinds.index("delivered") :]
     await status.close()
 
 

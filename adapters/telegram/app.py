@@ -23,13 +23,14 @@ from telegram.ext import (
     CommandHandler,
     ContextTypes,
     ExtBot,
+    MessageHandler,
     TypeHandler,
     filters,
 )
 from telegram.request import HTTPXRequest
 
 from adapters.telegram.admin import ADMIN_COMMANDS, NUMERIC_ID, AdminCommands
-from adapters.telegram.buttons import CALLBACK_PREFIX, Buttons
+from adapters.telegram.buttons import Buttons
 from adapters.telegram.commands import PUBLIC_COMMANDS
 from adapters.telegram.delivery import PLATFORM, display_name, user_ref
 from adapters.telegram.errors import ErrorHook
@@ -54,6 +55,8 @@ _log = logging.getLogger(__name__)
 _REDACTED_LOGGERS = ("telegram", "httpx", "httpcore", "adapters", "bot", "data", "generation", "asyncio")
 
 _Context = ContextTypes.DEFAULT_TYPE
+#: a caption that is a /draw command, for this bot or any
+_DRAW_CAPTION = r"^/draw(@\w+)?(\s|$)"
 App = Application[ExtBot[None], _Context, dict[Any, Any], dict[Any, Any], dict[Any, Any], None]
 _Handler = Callable[[Update, _Context], Coroutine[Any, Any, None]]
 
@@ -264,7 +267,9 @@ class TelegramAdapter:
 
     def _add_handlers(self, app: App) -> None:
         app.add_handler(TypeHandler(Update, self._gate), group=-1)
-        fresh = filters.UpdateType.MESSAGE  # not edited messages: editing a /draw must not draw again
+        # not edited messages (editing a /draw must not draw again), not forwarded ones (a
+        # forwarded /draw is someone else's request: whoever forwards it must not be charged)
+        fresh = filters.UpdateType.MESSAGE & ~filters.FORWARDED
         c = self._commands
         commands: dict[str, _Handler] = {
             "draw": c.draw, "credits": c.credits, "jobs": c.jobs, "queue": c.queue, "cancel": c.cancel,
@@ -273,7 +278,12 @@ class TelegramAdapter:
         }  # fmt: skip
         for name, callback in commands.items():
             app.add_handler(CommandHandler(name, callback, filters=fresh))
-        app.add_handler(CallbackQueryHandler(self._buttons, pattern=rf"^{CALLBACK_PREFIX}:"))
+        # a photo or image file whose caption is a /draw: CommandHandler reads only text
+        captioned = fresh & (filters.PHOTO | filters.Document.ALL) & filters.CaptionRegex(_DRAW_CAPTION)
+        app.add_handler(MessageHandler(captioned, self._captioned_draw))
+        # every press reaches only the bot whose message holds the keyboard: all are answered,
+        # unknown or malformed payloads with nothing, so no client is left spinning
+        app.add_handler(CallbackQueryHandler(self._buttons))
         app.add_error_handler(ErrorHook(self.service, PLATFORM))
 
     async def _register_commands(self) -> None:
@@ -295,14 +305,21 @@ class TelegramAdapter:
                 _log.info("admin command list not set for %s: %s", key, err)
 
     def _ours(self, message: Message | None) -> bool:
-        """Whether the message is a command for this bot (not ``/draw@otherbot``)."""
-        if message is None or not message.text or not message.entities:
+        """Whether the message (or a photo's caption) is a command for this bot (not ``/draw@otherbot``)."""
+        if message is None or message.forward_origin is not None:
             return False
-        entity = message.entities[0]
+        text, entities = message.text or message.caption, message.entities or message.caption_entities
+        if not text or not entities:
+            return False
+        entity = entities[0]
         if entity.type != MessageEntity.BOT_COMMAND or entity.offset != 0:
             return False
-        _, _, target = message.text[1 : entity.length].partition("@")
+        _, _, target = text[1 : entity.length].partition("@")
         return not target or target.lower() == str(self.bot.username).lower()
+
+    async def _captioned_draw(self, update: Update, context: _Context) -> None:
+        if self._ours(update.effective_message):
+            await self._commands.draw(update, context)
 
     async def _gate(self, update: Update, context: _Context) -> None:
         """Runs first: drops chats outside ``TELEGRAM_ALLOWED_CHATS`` and remembers who wrote."""

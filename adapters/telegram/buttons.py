@@ -13,7 +13,7 @@ from telegram.ext import ContextTypes, ExtBot
 
 from adapters.telegram.delivery import PLATFORM, delivery_of, display_name, user_ref
 from bot import messages
-from bot.domain import Job, JobState, UploadFile
+from bot.domain import VARY_STRONG, VARY_SUBTLE, Job, JobState, UploadFile
 from bot.errors import NotFoundError, RequestError
 from bot.service import Service
 
@@ -21,7 +21,9 @@ _log = logging.getLogger(__name__)
 
 #: callback data is ``bb:<action>:<job id>``, far below Telegram's 64 bytes
 CALLBACK_PREFIX = "bb"
-_ACTIONS = ("reroll", "png", "del", "cancel")
+_ACTIONS = ("reroll", "png", "del", "cancel", "subtle", "strong")
+#: the strengths of the two Vary buttons
+VARY_STRENGTHS = {"subtle": VARY_SUBTLE, "strong": VARY_STRONG}
 
 
 def callback_data(action: str, job_id: str) -> str:
@@ -47,19 +49,23 @@ def cancel_markup(job_id: str) -> InlineKeyboardMarkup:
     )
 
 
-def result_markup(job_id: str) -> InlineKeyboardMarkup:
-    """The keyboard under a delivered result."""
-    return InlineKeyboardMarkup(
+def result_markup(job_id: str, *, vary: bool = True) -> InlineKeyboardMarkup:
+    """The keyboard under a delivered result; the Vary row only when the model draws from pictures."""
+    rows = [
         [
+            InlineKeyboardButton(messages.BUTTONS["reroll"], callback_data=callback_data("reroll", job_id)),
+            InlineKeyboardButton(messages.BUTTONS["png"], callback_data=callback_data("png", job_id)),
+            InlineKeyboardButton(messages.BUTTONS["delete"], callback_data=callback_data("del", job_id)),
+        ],
+    ]
+    if vary:
+        rows.append(
             [
-                InlineKeyboardButton(
-                    messages.BUTTONS["reroll"], callback_data=callback_data("reroll", job_id)
-                ),
-                InlineKeyboardButton(messages.BUTTONS["png"], callback_data=callback_data("png", job_id)),
-                InlineKeyboardButton(messages.BUTTONS["delete"], callback_data=callback_data("del", job_id)),
+                InlineKeyboardButton(messages.BUTTONS[action], callback_data=callback_data(action, job_id))
+                for action in VARY_STRENGTHS
             ]
-        ]
-    )
+        )
+    return InlineKeyboardMarkup(rows)
 
 
 class Buttons:
@@ -81,16 +87,28 @@ class Buttons:
         message = query.message
         chat = message.chat
         service = self._service
+        # a payload is only honoured under a message of the job's own chat: a forged one naming
+        # a job of another chat (its id seen in a caption or /jobs) must not reveal or redraw it
+        if str((await service.job(job_id)).delivery.get("chat_id")) != str(chat.id):
+            await query.answer(messages.NOT_THIS_CHAT, show_alert=True)
+            return
         if action == "reroll":
             ticket = await service.reroll(
                 actor, job_id, delivery=delivery_of(message), user_name=display_name(user),
                 nsfw_allowed=chat.type == ChatType.PRIVATE,
             )  # fmt: skip
             await query.answer(messages.rerolling_text(ticket.job))
+        elif action in VARY_STRENGTHS:
+            ticket = await service.vary(
+                actor, job_id, VARY_STRENGTHS[action], delivery=delivery_of(message),
+                user_name=display_name(user), nsfw_allowed=chat.type == ChatType.PRIVATE,
+            )  # fmt: skip
+            await query.answer(messages.varying_text(ticket.job))
         elif action == "png":
             job = await service.job(job_id)
-            files = await self._originals(job)
-            await query.answer(messages.PNG_SENT)
+            await self._check_originals(job)
+            await query.answer(messages.PNG_SENT)  # before the files are read and fitted
+            files = [await service.upload_file(p, self._document_limit) for p in job.outputs]
             sending = service.status.carry(
                 PLATFORM, delivery_of(message),
                 lambda: self._send_originals(context.bot, job, files, chat.id, message.message_id),
@@ -106,14 +124,14 @@ class Buttons:
             job = await service.cancel(actor, job_id)
             await query.answer(messages.CANCELLED if job.state is JobState.CANCELLED else messages.STOPPING)
 
-    async def _originals(self, job: Job) -> list[UploadFile]:
-        """The untouched PNG(s) as they will be uploaded, so the ``parameters`` metadata survives."""
+    @staticmethod
+    async def _check_originals(job: Job) -> None:
+        """The untouched PNG(s) are still there to send (so the ``parameters`` metadata survives)."""
         if not job.outputs:
             raise RequestError(messages.no_images_yet(job))
         exists = await asyncio.to_thread(lambda: [os.path.exists(p) for p in job.outputs])
         if not all(exists):
             raise NotFoundError(messages.originals_gone(job))
-        return [await self._service.upload_file(p, self._document_limit) for p in job.outputs]
 
     @staticmethod
     async def _send_originals(

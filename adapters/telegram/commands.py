@@ -11,6 +11,7 @@ from telegram.constants import ChatType
 from telegram.ext import ContextTypes
 
 from adapters.telegram.delivery import PLATFORM, delivery_of, display_name, user_ref
+from adapters.telegram.pictures import download, picture_of
 from bot import messages
 from bot.grammar import split_flags
 from bot.service import Service
@@ -21,9 +22,10 @@ _Context = ContextTypes.DEFAULT_TYPE
 
 
 def command_text(message: Message) -> str:
-    """The raw text after the leading ``/command[@bot]`` (flags and spacing kept)."""
-    text = message.text or ""
-    entity = message.entities[0] if message.entities else None
+    """The raw text (or a photo's caption) after the leading ``/command[@bot]``, flags and spacing kept."""
+    text = message.text or message.caption or ""
+    entities = message.entities or message.caption_entities
+    entity = entities[0] if entities else None
     if entity is None or entity.type != MessageEntity.BOT_COMMAND or entity.offset != 0:
         return text
     # entity offsets count UTF-16 units; the command itself is ASCII, so this is exact
@@ -56,17 +58,33 @@ class Commands:
             self.service.status.say(PLATFORM, delivery_of(message), text)
 
     async def draw(self, update: Update, context: _Context) -> None:
+        """``/draw``: from text, from the photo it is the caption of, or from the photo it replies to."""
         message, user = update.effective_message, update.effective_user
         assert message is not None and user is not None
+        service, bot = self.service, context.bot
         text = command_text(message)
+        picture = picture_of(message, bot.id)
         if message.reply_to_message is not None and not split_flags(text).prompt.strip():
-            text = f"{replied_prompt(message, context.bot.id)} {text}".strip()
-        request = self.service.parse(text)
+            borrowed = replied_prompt(message, bot.id)
+            if picture is not None and picture.job_id is not None:  # our result: its whole prompt
+                borrowed = (await service.job(picture.job_id)).request.prompt
+            text = f"{borrowed} {text}".strip()
+        who = user_ref(user)
+        delivery, name = delivery_of(message), display_name(user)
         # Telegram has no NSFW marker for groups: NSFW_WORDS are allowed in private chats only.
-        await self.service.submit(
-            user_ref(user), request, delivery=delivery_of(message), user_name=display_name(user),
-            nsfw_allowed=message.chat.type == ChatType.PRIVATE,
-        )  # fmt: skip
+        nsfw = message.chat.type == ChatType.PRIVATE
+        if picture is None:
+            request = service.parse(text)
+            await service.submit(who, request, delivery=delivery, user_name=name, nsfw_allowed=nsfw)
+            return
+        job_id, limit = picture.job_id, service.settings.max_input_bytes
+
+        async def fetch() -> bytes:
+            if job_id is not None:
+                return await service.result_picture(job_id)
+            return await download(bot, picture, limit)
+
+        await service.submit_picture(who, text, fetch, delivery=delivery, user_name=name, nsfw_allowed=nsfw)
 
     async def credits(self, update: Update, context: _Context) -> None:
         assert update.effective_user is not None

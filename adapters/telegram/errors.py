@@ -12,7 +12,7 @@ from telegram.ext import ContextTypes
 
 from adapters.telegram.delivery import delivery_of
 from bot import messages
-from bot.errors import BotError, DeliveryError, RateLimitedError, UnreachableError
+from bot.errors import BotError, DeliveryError, MessageRefusedError, RateLimitedError, UnreachableError
 from bot.service import Service
 
 _log = logging.getLogger(__name__)
@@ -28,6 +28,10 @@ _PHOTO_REJECTED = (
 )
 
 
+# Bad requests that mean the chat itself is gone: nothing more can be said there
+_CHAT_GONE = ("chat not found", "group chat was upgraded", "chat_write_forbidden", "have no rights to send")
+
+
 def core_error(err: TelegramError) -> DeliveryError:
     """A Telegram failure as a core delivery error: unreachable ones are not retried, 429s are waited out."""
     if isinstance(err, RetryAfter):
@@ -37,7 +41,9 @@ def core_error(err: TelegramError) -> DeliveryError:
     if isinstance(err, Forbidden):
         return UnreachableError("the bot was removed from this chat or blocked")
     if isinstance(err, BadRequest):
-        return UnreachableError(f"Telegram refused the message ({err.message})")
+        if any(s in err.message.lower() for s in _CHAT_GONE):
+            return UnreachableError(f"Telegram: {err.message}")
+        return MessageRefusedError(f"Telegram refused the message ({err.message})")
     if isinstance(err, TimedOut):
         return DeliveryError("Telegram did not answer in time")
     return DeliveryError(f"Telegram error ({err.message})")

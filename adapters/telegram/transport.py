@@ -28,7 +28,7 @@ from adapters.telegram.buttons import cancel_markup, result_markup
 from adapters.telegram.errors import core_error, photo_rejected
 from bot import messages
 from bot.budget import Budget, SlidingWindow
-from bot.domain import Job, SavedImage
+from bot.domain import Job, SavedImage, UploadFile
 from bot.errors import BotError, DeliveryError, UnreachableError
 from bot.ports import Lane, LaneKind, Phase
 from bot.service import Service
@@ -233,10 +233,18 @@ class TelegramTransport:
 
     # ------------------------------------------------------------------ results
 
-    async def _single(self, job: Job, image: SavedImage, caption: str) -> Message:
-        markup = result_markup(job.id)
+    async def _photo(self, image: SavedImage) -> UploadFile | None:
+        """What to send as the photo: the core's JPEG preview, else the PNG if it fits; None: neither."""
+        if image.photo is not None and len(image.photo.data) <= self.photo_limit:
+            return image.photo
         if image.size_bytes <= self.photo_limit:
-            photo = await self.service.upload_file(image.path, self.photo_limit)
+            return await self.service.upload_file(image.path, self.photo_limit)
+        return None
+
+    async def _single(self, job: Job, image: SavedImage, caption: str) -> Message:
+        markup = result_markup(job.id, vary=self.service.draws_from_pictures)
+        photo = await self._photo(image)
+        if photo is not None:
             try:
                 return await self.bot.send_photo(
                     chat_id=self._chat(job), photo=photo.data, filename=photo.filename, caption=caption,
@@ -258,8 +266,9 @@ class TelegramTransport:
         return chat
 
     async def _album(self, job: Job, images: Sequence[SavedImage], caption: str) -> list[Message]:
-        if all(image.size_bytes <= self.photo_limit for image in images):
-            files = [await self.service.upload_file(i.path, self.photo_limit) for i in images]
+        found = [await self._photo(i) for i in images]
+        files = [f for f in found if f is not None]
+        if len(files) == len(images):
             photos = [
                 InputMediaPhoto(f.data, caption=caption if n == 0 else None, filename=f.filename)
                 for n, f in enumerate(files)
@@ -285,7 +294,7 @@ class TelegramTransport:
     async def _album_keyboard(self, job: Job, first: Message, count: int) -> int:
         """An album cannot carry buttons: the status message becomes the keyboard (or a new one)."""
         text = messages.album_keyboard_text(job, count)
-        markup = result_markup(job.id)
+        markup = result_markup(job.id, vary=self.service.draws_from_pictures)
         status = self._status_id(job)
         if status is not None and await self._edit(job, status, text, markup):
             return status

@@ -37,7 +37,7 @@ import re
 import secrets
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -56,6 +56,9 @@ CHANNEL_MESSAGE, DEFERRED_CHANNEL_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE, MODA
 SUB_COMMAND, SUB_COMMAND_GROUP, STRING, INTEGER, BOOLEAN, USER, CHANNEL, ROLE, MENTIONABLE, NUMBER = range(
     1, 11
 )
+ATTACHMENT = 11
+# application command types
+CHAT_INPUT, USER_COMMAND, MESSAGE_COMMAND = 1, 2, 3
 
 #: permission bits the fake gives members unless told otherwise (view, send, history, ...)
 MEMBER_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 31)
@@ -108,6 +111,11 @@ DEFAULT_BUCKETS: Mapping[str, Bucket] = {
 OTHER_ROUTES = (50, 1.0)
 #: the parameters that key a bucket, in discord.py's ``Route.major_parameters`` order
 _MAJOR = ("channel_id", "guild_id", "webhook_id", "webhook_token")
+
+
+def rendered(content: str) -> str:
+    """A message's text as Discord shows it: a backslash before a symbol only keeps it literal."""
+    return re.sub(r"\\([^\sA-Za-z0-9])", r"\1", content)
 
 
 def _template_regex(template: str) -> tuple[str, re.Pattern[str]]:
@@ -541,12 +549,43 @@ class FakeDiscord:
 
     # ------------------------------------------------------------------ injecting interactions
 
-    def _command(self, name: str) -> tuple[dict[str, Any], int | None]:
+    def _command(self, name: str, kind: int = CHAT_INPUT) -> tuple[dict[str, Any], int | None]:
         for scope in (self.guild_id, None):
             for cmd in self.commands.get(scope, []):
-                if cmd["name"] == name and cmd.get("type", 1) == 1:
+                if cmd["name"] == name and cmd.get("type", 1) == kind:
                     return cmd, scope
         raise KeyError(f"command /{name} was not synced")
+
+    def upload(self, filename: str, data: bytes, content_type: str = "image/png") -> dict[str, Any]:
+        """An attachment as a user's client uploads it (served at its ``url``), for attachment options."""
+        aid = self.new_id()
+        self.attachments[aid] = data
+        url = f"http://127.0.0.1:{self._port}/attachments/{aid}/{filename}"
+        return {"id": str(aid), "filename": filename, "size": len(data), "url": url, "proxy_url": url,
+                "content_type": content_type}  # fmt: skip
+
+    def post_as(
+        self, user: FakeUser, channel: FakeChannel, content: str, files: Sequence[tuple[str, bytes]] = ()
+    ) -> dict[str, Any]:
+        """A message a member posted in a channel (with attachments), e.g. for a message command."""
+        recorded = [
+            RecordedFile(field="files", filename=n, content_type="image/png", data=d) for n, d in files
+        ]
+        msg = self._new_message(channel.id, {"content": content}, recorded)
+        msg["author"] = user.user_json()
+        return msg
+
+    async def message_command(self, name: str, user: FakeUser, message: Mapping[str, Any]) -> FakeInteraction:
+        """Run a message command (the "Apps" menu of a message) on ``message``."""
+        cmd, scope = self._command(name, MESSAGE_COMMAND)
+        data: dict[str, Any] = {
+            "id": cmd["id"], "name": name, "type": MESSAGE_COMMAND, "target_id": str(message["id"]),
+            "resolved": {"messages": {str(message["id"]): dict(message)}},
+        }  # fmt: skip
+        if scope is not None:
+            data["guild_id"] = str(scope)
+        channel = self.channels[int(message["channel_id"])]
+        return await self._interact(APPLICATION_COMMAND, data, user, channel)
 
     def _option_values(
         self, schema: list[dict[str, Any]], values: Mapping[str, Any], resolved: dict[str, Any]
@@ -576,6 +615,9 @@ class FakeDiscord:
                 resolved.setdefault("users", {})[str(user.id)] = user.user_json()
                 resolved.setdefault("members", {})[str(user.id)] = user.member_json(with_user=False)
                 value = str(user.id)
+            if kind == ATTACHMENT:  # an upload from ``upload()``: the client sends its id, resolved
+                resolved.setdefault("attachments", {})[str(value["id"])] = dict(value)
+                value = str(value["id"])
             out.append({"name": name, "type": kind, "value": value})
         return out
 
@@ -1012,7 +1054,7 @@ class FakeDiscord:
         synced = []
         for cmd in r.json:
             full = {
-                "type": 1, "default_member_permissions": None, "nsfw": False, "options": [],
+                "type": 1, "default_member_permissions": None, "nsfw": False, "options": [], "description": "",
                 "name_localizations": None, "description_localizations": None, **cmd,
             }  # fmt: skip
             full.update(

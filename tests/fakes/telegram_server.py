@@ -477,6 +477,53 @@ class FakeTelegram:
         self.inject_update({"message": message})
         return message
 
+    def inject_picture(
+        self,
+        chat: Mapping[str, Any],
+        user: Mapping[str, Any],
+        data: bytes,
+        *,
+        caption: str | None = None,
+        document: str | None = None,
+        mime_type: str = "image/png",
+        reply_to: int | None = None,
+    ) -> dict[str, Any]:
+        """A person sends a photo (or, with ``document=<file name>``, a file) with an optional caption.
+
+        The bytes are kept as a file the bot can fetch with ``getFile``; a photo is listed in two
+        sizes as Telegram does (the thumbnail cannot be fetched). A leading ``/command`` in the
+        caption gets its ``bot_command`` caption entity.
+        """
+        chat_id = int(chat["id"])
+        self.chats.setdefault(chat_id, dict(chat))
+        upload = Upload(field="photo", filename=document or "photo.jpg", content_type=mime_type, data=data)
+        message: dict[str, Any] = {
+            "message_id": self._new_message_id(chat_id),
+            "date": int(time.time()),
+            "chat": dict(chat),
+            "from": dict(user),
+        }
+        if document is None:
+            message["photo"] = self._photo(upload)
+        else:  # people may send files up to 2 GB: no upload limit here
+            file_id, unique = self._remember(upload)
+            message["document"] = {"file_id": file_id, "file_unique_id": unique, "file_name": document,
+                                   "mime_type": mime_type, "file_size": len(data)}  # fmt: skip
+        if caption is not None:
+            message["caption"] = caption
+            if caption.startswith("/"):
+                length = len(caption.split(maxsplit=1)[0].encode("utf-16-le")) // 2
+                message["caption_entities"] = [{"type": "bot_command", "offset": 0, "length": length}]
+        if reply_to is not None:
+            replied = self.messages.get((chat_id, reply_to))
+            if replied is not None and not replied.deleted:
+                message["reply_to_message"] = dict(replied.data)
+        self.messages[(chat_id, message["message_id"])] = StoredMessage(
+            chat_id=chat_id, message_id=message["message_id"], from_bot=False, data=message
+        )
+        self.inject_update({"message": message})
+        return message
+
     def inject_callback(self, user: Mapping[str, Any], chat_id: int, message_id: int, data: str) -> str:
         """A person presses an inline button with ``data`` under a message; returns the query id."""
         stored = self.messages.get((chat_id, message_id))
@@ -927,6 +974,16 @@ class FakeTelegram:
 
     async def _m_getChat(self, p: dict[str, Any], files: dict[str, Upload]) -> Any:
         return {**self._chat(p), "accent_color_id": 0, "max_reaction_count": 11}
+
+    async def _m_getFile(self, p: dict[str, Any], files: dict[str, Upload]) -> Any:
+        file_id = str(p.get("file_id", ""))
+        upload = self.files.get(file_id)
+        if upload is None:
+            raise _ApiError(400, "Bad Request: invalid file_id")
+        if len(upload.data) > 20 * 1024 * 1024:  # the Bot API serves files up to 20 MB
+            raise _ApiError(400, "Bad Request: file is too big")
+        return {"file_id": file_id, "file_unique_id": f"U{file_id}", "file_size": len(upload.data),
+                "file_path": file_id}  # fmt: skip
 
     async def _m_sendChatAction(self, p: dict[str, Any], files: dict[str, Upload]) -> Any:
         self._chat(p)
