@@ -49,21 +49,21 @@ async def serve(settings: Settings, *, console: bool) -> None:
     from bot.service import Service
     from data import SqliteStore
     from generation.images import ImageStore
+    from generation.pool import start_workers
     from generation.sources import SourceStore
-    from generation.worker import Worker
 
     tokens = settings.tokens_set()
     use_console = console or not any(tokens.values())
     async with contextlib.AsyncExitStack() as stack:
         # exclusive: a second bot on the same DB_PATH stops here with one line, before loading anything
         store = await stack.enter_async_context(SqliteStore(settings.db_path, exclusive=True))
-        _log.info("loading model %s ...", settings.model)
-        worker = await stack.enter_async_context(Worker(settings))
+        _log.info("loading model %s (%s workers) ...", settings.model, settings.workers.value)
+        workers = await start_workers(settings, stack)
         service = Service(
             settings=settings,
             store=store,
-            workers=[worker],
-            sink=ImageStore(settings.output_dir, worker.profile.name),
+            workers=workers,
+            sink=ImageStore(settings.output_dir, workers[0].profile.name),
             sources=SourceStore(settings.output_dir),
         )
         await service.start()

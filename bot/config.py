@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bot.domain import UserRef
@@ -30,6 +30,13 @@ class DType(enum.StrEnum):
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
     FLOAT32 = "float32"
+
+
+class WorkerBackend(enum.StrEnum):
+    """Where the GPU workers run: threads in this process, or Ray actors on a cluster."""
+
+    LOCAL = "local"
+    RAY = "ray"
 
 
 class Offload(enum.StrEnum):
@@ -70,6 +77,31 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+_DEVICE_NAME = re.compile(r"^(auto|cpu|mps|cuda)(?::(\d+))?$")
+
+
+def parse_devices(value: str) -> tuple[Device, list[str]]:
+    """``DEVICE`` as (its kind, one entry per local worker): ``cuda:0,cuda:1`` is two CUDA workers.
+
+    Raises ``ValueError`` with one line for a name that is not a device, or a list that mixes kinds.
+    """
+    names = [part.strip().lower() for part in value.split(",") if part.strip()] or ["auto"]
+    kinds: set[str] = set()
+    for name in names:
+        match = _DEVICE_NAME.match(name)
+        if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+            raise ValueError(
+                f"{name!r} is not a device; write auto, cpu, mps, cuda or a list like cuda:0,cuda:1"
+            )
+        kinds.add(match.group(1))
+    if len(kinds) > 1:
+        raise ValueError("a device list must be one kind, e.g. cuda:0,cuda:1 or cpu,cpu")
+    kind = Device(kinds.pop())
+    if kind is Device.AUTO and len(names) > 1:
+        raise ValueError("auto picks one device; list the devices instead, e.g. cuda:0,cuda:1")
+    return kind, names
+
+
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -89,7 +121,10 @@ class Settings(BaseSettings):
 
     # model and device
     model: str = Field("z-image-turbo", description="preset, hub repo id, or local diffusers dir")
+    #: the device kind; ``DEVICE`` may also list several (``cuda:0,cuda:1``): see ``devices``
     device: Device = Device.AUTO
+    #: one entry per local worker (``WORKERS=local``), parsed from ``DEVICE``
+    devices: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["auto"])
     dtype: DType = DType.AUTO
     offload: Offload = Offload.AUTO
     #: weight precision of the transformer (and text encoder): auto picks by free memory
@@ -101,6 +136,15 @@ class Settings(BaseSettings):
     compile_sizes: Annotated[list[tuple[int, int]], NoDecode] = Field(default_factory=list)
     warmup: bool = True
     model_cache_dir: Path = Path(".cache/brushbot")
+
+    # workers
+    workers: WorkerBackend = WorkerBackend.LOCAL
+    #: empty: start a Ray on this machine; ``auto`` or ``host:port``: join a running cluster
+    ray_address: str = ""
+    #: how many Ray workers; 0: one per GPU in the cluster (one with DEVICE=cpu)
+    ray_workers: int = Field(0, ge=0, le=1024)
+    #: a worker that reports no progress for this long is killed and restarted
+    worker_timeout: float = Field(300.0, gt=0)
 
     # storage
     db_path: Path = Path("data/brushbot.sqlite3")
@@ -154,6 +198,25 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(30.0, ge=0, le=3600)
     log_level: str = "INFO"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _device_list(cls, data: Any) -> Any:
+        """``devices`` always comes from ``DEVICE`` (a ``DEVICES`` variable is not read)."""
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.lower() == "devices")}
+        key = next((k for k in data if isinstance(k, str) and k.lower() == "device"), "device")
+        value = data.get(key, Device.AUTO)
+        if isinstance(value, Device):
+            return {**data, "devices": [value.value]}
+        if not isinstance(value, str):
+            return data
+        try:
+            kind, names = parse_devices(value)
+        except ValueError as exc:
+            raise ValueError(f"DEVICE: {exc}") from None  # one line naming DEVICE, like a field error
+        return {**data, key: kind, "devices": names}
+
     @field_validator("admin_ids", "blocked_words", "nsfw_words", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
@@ -204,9 +267,12 @@ class Settings(BaseSettings):
 
 
 def _describe(error: Any) -> str:
-    loc = error.get("loc") or ("?",)
-    name = str(loc[0]).upper()
-    msg = str(error.get("msg", "invalid"))
+    loc = error.get("loc") or ()
+    msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    named = re.match(r"^([A-Z_]+): (.*)$", msg)
+    if not loc and named is not None:  # a check across fields names its variable itself
+        return f"invalid setting {named.group(1)}: {named.group(2)}"
+    name = str(loc[0] if loc else "?").upper()
     ctx = error.get("ctx") or {}
     if "expected" in ctx:
         msg = f"expected {ctx['expected']}"

@@ -9,12 +9,14 @@ shown in chat. Operators see tracebacks in the log, users never do::
     ├── RefusedError           the request is fine but cannot be accepted now
     │   ├── BannedError
     │   ├── QueueFullError     per-user or global queue limit
-    │   └── NoCreditsError
+    │   ├── NoCreditsError
+    │   └── NoWorkersError     every GPU worker is retired: nothing could draw it
     ├── NotAuthorizedError     admin-only operation by a non-admin, or someone else's job
     ├── NotFoundError          unknown job or user
     ├── GenerationError        the model failed this job
     │   ├── OutOfMemoryError
-    │   └── CancelledError     the job was cancelled while running
+    │   ├── CancelledError     the job was cancelled while running
+    │   └── WorkerLostError    the worker process died under the job (it may run again elsewhere)
     └── DeliveryError          the result could not be sent
         ├── UnreachableError   the chat is gone or forbids the bot: do not retry
         └── RateLimitedError   the platform said "retry after N seconds": wait, then retry
@@ -51,6 +53,10 @@ class NoCreditsError(RefusedError):
     """The user has too few credits for this request."""
 
 
+class NoWorkersError(RefusedError):
+    """No GPU worker is left to draw (every one is retired)."""
+
+
 class NotAuthorizedError(BotError):
     """The caller may not do this."""
 
@@ -69,6 +75,10 @@ class OutOfMemoryError(GenerationError):
 
 class CancelledError(GenerationError):
     """The job was cancelled while it ran."""
+
+
+class WorkerLostError(GenerationError):
+    """The worker died under the job before returning it; the job may run again on another."""
 
 
 class DeliveryError(BotError):

@@ -231,6 +231,26 @@ class FairQueue:
         if not state.jobs and state.running == 0:
             self._went_idle(run.user, state)
 
+    def requeue(self, job_id: str) -> None:
+        """A popped job goes back to the head of its user's queue, as if it had never been popped.
+
+        For a job whose worker died under it: it keeps its start tag, so it runs next for its
+        user and ahead of anyone whose tag is later. Raises ``KeyError`` when it is not running.
+        """
+        run = self._running.pop(job_id)
+        state = self._users[run.user]
+        state.running -= 1
+        record = _Queued(id=job_id, user=run.user, cost=run.cost, seq=next(self._seq))
+        if not state.jobs:
+            self._backlogged += 1
+        state.jobs[job_id] = record
+        state.jobs.move_to_end(job_id, last=False)
+        self._queued[job_id] = record
+        # the user's own later jobs keep their order behind it; its tag is the start it had
+        state.tag = min(state.tag, run.start)
+        heapq.heappush(self._heap, (state.tag, record.seq, run.user))
+        self._compact()
+
     def remove(self, job_id: str) -> bool:
         """Cancel a queued job; False when it is not queued (unknown, running or done).
 

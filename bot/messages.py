@@ -207,6 +207,13 @@ def user_view_text(view: UserView) -> str:
     return f"{head}\n{history}"
 
 
+def worker_line(state: str, job_id: str | None, images: int, seconds: float) -> str:
+    """One worker in the stats: ``drawing job 1a2b3c · 12 images · 1.40 s/image``."""
+    doing = f"drawing job {job_id}" if job_id is not None and state == "drawing" else state
+    speed = f" · {seconds / images:.2f} s/image" if images else ""
+    return f"{doing} · {images} image{'s' if images != 1 else ''}{speed}"
+
+
 def stats_text(stats: dict[str, object]) -> str:
     return "\n".join(f"{key}: {value}" for key, value in stats.items())
 
@@ -236,6 +243,9 @@ SHUTTING_DOWN = "the bot is restarting, so nothing was queued; try again in a mi
 SAVE_FAILED = "the bot could not save the picture (its disk is full or not writable); try again later"
 RECORD_FAILED = "the bot could not record the finished picture in its database; try again later"
 NOTHING_TO_CANCEL = "you have no queued or running job; /jobs lists your jobs"
+NO_WORKERS = "no image generator is running (every GPU worker failed to start); nothing was queued"
+WORKERS_GONE = "no image generator is left to draw this (every GPU worker failed to start)"
+POISON_JOB = "this request stopped the image generator twice, so it was not tried again"
 
 
 def ended_text(job: Job, error: str) -> str:

@@ -1,6 +1,7 @@
 """The ports: small Protocols the core talks through, implemented by the other packages.
 
-* ``Generator``  — a GPU worker (``generation.Worker`` locally; later a pool member).
+* ``Generator``  — a GPU worker (``generation.Worker`` locally).
+* ``PoolWorker`` — a Generator that can die and come back (``generation.ray_worker.RayWorker``).
 * ``ImageSink``  — saving finished images and fitting them to an upload limit (``generation``).
 * ``SourceKeeper`` — decoding and keeping the pictures users draw from (``generation``).
 * ``Store``      — users, the credits ledger and the job store (``data.SqliteStore``).
@@ -63,6 +64,31 @@ class Generator(Protocol):
         on_step: StepCallback,
         cancel: threading.Event,
     ) -> Rendered: ...
+
+
+class WorkerState(enum.StrEnum):
+    """What a pool worker is doing, as ``/brush stats`` shows it."""
+
+    WARMING = "warming"  # loading or reloading its model; takes no job yet
+    IDLE = "idle"
+    DRAWING = "drawing"
+    DEAD = "dead"  # lost (killed, out of memory, node gone): being restarted
+    RETIRED = "retired"  # its model cannot load: it takes no more jobs
+
+
+@runtime_checkable
+class PoolWorker(Generator, Protocol):
+    """A Generator in a pool whose members may die and restart (a Ray actor).
+
+    ``ready()`` waits until the worker is warm and returns True, or returns False once the
+    worker is retired for good. ``generate`` raises ``WorkerLostError`` when the worker died
+    under the job: the job never finished there and may run again elsewhere.
+    """
+
+    @property
+    def state(self) -> WorkerState: ...
+
+    async def ready(self) -> bool: ...
 
 
 class ImageSink(Protocol):

@@ -50,10 +50,12 @@ from bot.errors import (
     MessageRefusedError,
     NotAuthorizedError,
     NotFoundError,
+    NoWorkersError,
     QueueFullError,
     RefusedError,
     RequestError,
     UnreachableError,
+    WorkerLostError,
 )
 from bot.fairqueue import FairQueue
 from bot.grammar import (
@@ -67,7 +69,17 @@ from bot.grammar import (
     split_flags,
 )
 from bot.inputs import check_picture, check_size
-from bot.ports import CreditPolicy, Generator, ImageSink, Rendered, SourceKeeper, Store, Transport
+from bot.ports import (
+    CreditPolicy,
+    Generator,
+    ImageSink,
+    PoolWorker,
+    Rendered,
+    SourceKeeper,
+    Store,
+    Transport,
+    WorkerState,
+)
 from bot.status import StatusEngine
 from bot.words import find_blocked
 
@@ -77,6 +89,8 @@ _log = logging.getLogger(__name__)
 _DRAWING_CANCELLED = "cancelled while drawing"
 #: seconds between delivery attempts; the last failure ends the job failed and refunded
 DELIVERY_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
+#: a job whose worker died under it this many times is a "poison job": failed and refunded
+LOST_LIMIT = 2
 
 
 @dataclass(slots=True)
@@ -87,6 +101,8 @@ class _Live:
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
     progress: Progress | None = None
+    #: how many workers died under this job
+    lost: int = 0
     #: why a user's (or admin's) cancel was accepted; once set, no result of this job is delivered
     cancelled_by: str | None = None
     #: a delivery attempt failed: part of the result may have reached the chat, so a cancel is too late
@@ -120,7 +136,11 @@ class Service:
         self._rand32 = rand32
         self._backoff = tuple(delivery_backoff)
         self._queue = FairQueue()
-        self._dispatcher = Dispatcher(self._queue, workers, self._execute, self._defer)
+        self._dispatcher = Dispatcher(
+            self._queue, workers, self._execute, self._defer, on_empty=self._workers_gone
+        )
+        #: images drawn and GPU seconds, by worker name
+        self._worker_work: dict[str, list[float]] = {w.name: [0, 0.0] for w in workers}
         self._live: dict[str, _Live] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -315,6 +335,8 @@ class Service:
         if self._draining or self._closing:
             raise RefusedError(messages.SHUTTING_DOWN)
         self._check_content(request, nsfw_allowed=nsfw_allowed)
+        if self._dispatcher.alive == 0:
+            raise NoWorkersError(messages.NO_WORKERS)
         async with self._submit_lock:
             record = await self.store.touch_user(user, user_name)
             if record.banned:
@@ -616,8 +638,20 @@ class Service:
 
         rendered: Rendered | None = None
         failure: tuple[JobState, str] | None = None
+        requeued = False
         try:
             rendered = await worker.generate(job.request, job.seeds, on_step=on_step, cancel=live.cancel)
+        except WorkerLostError as err:
+            live.lost += 1
+            if live.lost >= LOST_LIMIT:
+                _log.error("job %s: its worker died under it %d times; giving up", job_id, live.lost)
+                failure = (JobState.FAILED, messages.POISON_JOB)
+            elif live.cancel.is_set():
+                failure = (JobState.CANCELLED, "cancelled while drawing")
+            else:
+                _log.warning("job %s: worker %s lost (%s); the job goes back to the queue", job_id,
+                             worker.name, err)  # fmt: skip
+                requeued = True
         except CancelledError:
             failure = (JobState.CANCELLED, _DRAWING_CANCELLED)
         except GenerationError as err:
@@ -628,12 +662,24 @@ class Service:
             failure = (JobState.FAILED, "something went wrong while drawing")
         finally:
             live.started = None
-            self._queue.done(job_id, rendered.seconds if rendered is not None else None)
+            if requeued and not self._closing:
+                # back to the head of its user's queue, for the next free worker
+                self._queue.requeue(job_id)
+                live.job = replace(live.job, state=JobState.QUEUED, started_at=None)
+                self._dispatcher.wake()
+            else:
+                self._queue.done(job_id, rendered.seconds if rendered is not None else None)
+        if rendered is not None:
+            work = self._worker_work.setdefault(worker.name, [0, 0.0])
+            work[0] += len(rendered.seeds)
+            work[1] += rendered.seconds
         try:
             await marking
         except Exception:
             # not fatal: the end state is still recorded below (or the job is recovered on restart)
             _log.exception("job %s: could not be marked running", job_id)
+        if requeued:
+            return  # its row stays "running" until it runs again (or is recovered on restart)
         if failure is not None:
             if failure[0] is JobState.CANCELLED and self._closing:
                 return  # shutting down: the job stays "running" and is re-queued on restart
@@ -865,11 +911,32 @@ class Service:
             users_waiting=len(self._queue.users()),
             model=self.profile.name,
             workers=len(self._dispatcher.workers),
+            **self._worker_stats(),
             seconds_per_mpx_step=round(self._speed, 4),
             **self.status.stats(),
             uptime_seconds=round(self._clock() - self._started_at),
         )
         return stats
+
+    def _worker_stats(self) -> dict[str, str]:
+        """One line per worker: what it does, images done, seconds per image."""
+        lines: dict[str, str] = {}
+        for worker in self._dispatcher.workers:
+            job_id = self._dispatcher.current.get(worker.name)
+            if isinstance(worker, PoolWorker):
+                state = worker.state
+            else:
+                state = WorkerState.DRAWING if job_id is not None else WorkerState.IDLE
+            images, seconds = self._worker_work.get(worker.name, [0, 0.0])
+            lines[f"worker {worker.name}"] = messages.worker_line(state.value, job_id, int(images), seconds)
+        return lines
+
+    def _workers_gone(self) -> None:
+        """The last worker retired: what is queued can never run, so it ends failed and refunded."""
+        for job_id in self._queue.order():
+            live = self._live.get(job_id)
+            if live is not None and self._queue.remove(job_id):
+                self._spawn(self._end(live, JobState.FAILED, messages.WORKERS_GONE), f"fail-{job_id}")
 
 
 def _told(job_id: str, future: asyncio.Future[None]) -> None:

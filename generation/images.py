@@ -7,9 +7,11 @@ import json
 import logging
 import os
 import re
+import struct
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,41 @@ def read_parameters(path: str | Path) -> dict[str, Any]:
     return result
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EncodedImage:
+    """A PNG encoded where it was drawn (a Ray worker), without metadata: the front end adds it."""
+
+    png: bytes
+    width: int
+    height: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+def encode_png(image: Any) -> EncodedImage:
+    """A PIL image as PNG bytes (blocking: run it off the GPU thread)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return EncodedImage(png=buffer.getvalue(), width=image.size[0], height=image.size[1])
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _with_chunks(png: bytes, info: PngInfo) -> bytes:
+    """``png`` with ``info``'s text chunks put right after its header, without decoding it."""
+    if not png.startswith(_PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG")
+    header_end = 8 + 8 + struct.unpack(">I", png[8:12])[0] + 4
+    chunks = b"".join(
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        for kind, data, *_ in info.chunks  # type: ignore[attr-defined]
+    )
+    return png[:header_end] + chunks + png[header_end:]
+
+
 def _human(n: int) -> str:
     if n >= 1_000_000:
         return f"{n / 1_000_000:.1f} MB"
@@ -182,7 +219,10 @@ class ImageStore:
             # write beside, then rename: a reader never sees half a PNG
             partial = path.with_name(f".{path.name}.partial")
             try:
-                image.save(partial, format="PNG", pnginfo=info, **PNG_OPTIONS)
+                if isinstance(image, EncodedImage):
+                    partial.write_bytes(_with_chunks(image.png, info))
+                else:
+                    image.save(partial, format="PNG", pnginfo=info, **PNG_OPTIONS)
                 os.replace(partial, path)
             except BaseException:
                 partial.unlink(missing_ok=True)
@@ -200,8 +240,11 @@ class ImageStore:
         return saved
 
     @staticmethod
-    def photo(image: Image.Image, filename: str) -> UploadFile:
+    def photo(image: Image.Image | EncodedImage, filename: str) -> UploadFile:
         """A high-quality JPEG of ``image`` for a chat photo (the platform recompresses it anyway)."""
+        if isinstance(image, EncodedImage):
+            # drawn on a Ray worker: decoded here for the JPEG (the worker could send one too)
+            image = Image.open(io.BytesIO(image.png))
         buf = io.BytesIO()
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         rgb.save(buf, format="JPEG", quality=PHOTO_QUALITY)

@@ -258,6 +258,13 @@ def _source(settings: Settings) -> tuple[str, dict[str, Any]]:
     return repo_for(model), {} if is_local(model) else {"cache_dir": str(settings.model_cache_dir)}
 
 
+def device_index(settings: Settings) -> int | None:
+    """The CUDA device number of a worker given one ``cuda:N`` (``DEVICE=cuda:0,cuda:1``), else None."""
+    if len(settings.devices) == 1 and settings.devices[0].startswith("cuda:"):
+        return int(settings.devices[0].partition(":")[2])
+    return None
+
+
 def load_pipeline(
     settings: Settings, *, profile: ModelProfile | None = None, free_bytes_fn: FreeBytesFn | None = None
 ) -> tuple[Any, ModelProfile, LoadPlan]:
@@ -287,12 +294,13 @@ def load_pipeline(
         pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True, **extra)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load MODEL={settings.model}: {first_line(exc, 300)}") from exc
+    index = device_index(settings)
     if plan.offload is Offload.MODEL:
-        pipe.enable_model_cpu_offload()
+        pipe.enable_model_cpu_offload(gpu_id=index)
     elif plan.offload is Offload.SEQUENTIAL:
-        pipe.enable_sequential_cpu_offload()
+        pipe.enable_sequential_cpu_offload(gpu_id=index)
     else:
-        pipe.to(plan.device)
+        pipe.to(plan.device if index is None or plan.device != "cuda" else f"cuda:{index}")
     pipe.set_progress_bar_config(disable=True)
     attention = apply_attention(pipe, plan.attention, explicit=settings.attention is not Attention.AUTO)
     if attention is not plan.attention:

@@ -99,7 +99,7 @@ def test_invalid_setting_stops_with_one_line(tmp_path: Path, tiny_model_dir: Pat
     assert done.returncode == 2
     assert (
         done.stderr.strip()
-        == "brushbot: invalid setting DEVICE (got 'gpu'): expected 'auto', 'cuda', 'cpu' or 'mps'"
+        == "brushbot: invalid setting DEVICE: 'gpu' is not a device; write auto, cpu, mps, cuda or a list like cuda:0,cuda:1"
     )
 
 

@@ -25,7 +25,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_env_example_documents_every_setting_and_loads() -> None:
     text = (ROOT / ".env.example").read_text()
     names = {m.group(1) for m in re.finditer(r"^([A-Z_]+)=", text, re.M)}
-    assert names == {f.upper() for f in Settings.model_fields}
+    # ``devices`` is derived from DEVICE, never read from the environment
+    assert names == {f.upper() for f in Settings.model_fields} - {"DEVICES"}
     settings = Settings(_env_file=ROOT / ".env.example")  # type: ignore[call-arg]
     assert settings.model == "z-image-turbo" and settings.output_dir == Path("outputs")
     assert settings.discord_token is None and settings.telegram_allowed_chats == []
@@ -34,7 +35,12 @@ def test_env_example_documents_every_setting_and_loads() -> None:
 @pytest.mark.parametrize(
     ("name", "value", "needle"),
     [
-        ("DEVICE", "gpu", "DEVICE (got 'gpu'): expected 'auto', 'cuda', 'cpu' or 'mps'"),
+        ("DEVICE", "gpu", "DEVICE: 'gpu' is not a device; write auto, cpu, mps, cuda or a list"),
+        ("DEVICE", "cuda:0,cpu", "DEVICE: a device list must be one kind"),
+        ("DEVICE", "cpu:1", "DEVICE: 'cpu:1' is not a device"),
+        ("WORKERS", "slurm", "WORKERS (got 'slurm'): expected 'local' or 'ray'"),
+        ("RAY_WORKERS", "-1", "RAY_WORKERS"),
+        ("WORKER_TIMEOUT", "0", "WORKER_TIMEOUT"),
         ("DTYPE", "fp8", "DTYPE"),
         ("OFFLOAD", "yes", "OFFLOAD"),
         ("MAX_STEPS", "lots", "MAX_STEPS"),
@@ -50,6 +56,16 @@ def test_invalid_values_stop_with_one_line(
     with pytest.raises(ConfigError) as info:
         load_settings(_env_file=None)
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_device_list_means_one_local_worker_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEVICE", "cuda:0, cuda:1")
+    monkeypatch.setenv("DEVICES", "cpu")  # derived from DEVICE, never read
+    settings = load_settings(_env_file=None)
+    assert settings.device.value == "cuda" and settings.devices == ["cuda:0", "cuda:1"]
+    assert load_settings(_env_file=None, device="cpu,cpu").devices == ["cpu", "cpu"]
+    assert load_settings(_env_file=None, device="cpu").devices == ["cpu"]
+    assert load_settings(_env_file=None, workers="ray", ray_address="auto").workers.value == "ray"
 
 
 def test_tokens_never_show(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

@@ -745,3 +745,19 @@ def test_pop_can_pass_over_deferred_heads_without_losing_their_place() -> None:
     everything = {"a2", "b2", "c2"}
     assert q.pop(lambda job: job in everything) in everything  # all deferred: the fair head runs anyway
     assert len(q) == 2
+
+
+def test_requeue_puts_a_lost_job_back_at_the_head_of_its_users_queue() -> None:
+    q = FairQueue()
+    for job, user in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b")]:
+        q.push(job, user, 1.0)
+    assert [q.pop(), q.pop()] == ["a1", "b1"]  # two workers
+    q.requeue("a1")  # its worker died under it
+    assert "a1" in q and q.queued_for("a") == ["a1", "a2"]
+    # it keeps its start: it runs before anyone else's next job
+    assert q.pop() == "a1"
+    q.done("b1")
+    q.done("a1")
+    assert [q.pop(), q.pop()] == ["a2", "b2"]
+    with pytest.raises(KeyError):
+        q.requeue("zz")
