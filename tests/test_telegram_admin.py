@@ -39,7 +39,9 @@ CHANGING = set(COMMANDS) - {"/quota show 11", "/stats"}
 REFUSAL = "Only bot admins can do that"
 
 
-def snapshot(db: Path, caller: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]:
+def snapshot(
+    db: Path, caller: dict[str, Any], platform: str = "telegram"
+) -> dict[str, list[tuple[Any, ...]]]:
     """Every row the bot keeps about people and credits, read from the file; the caller's own
     user row is left out (the bot remembers when it last saw whoever sends it a command)."""
     with sqlite3.connect(db) as conn:
@@ -48,8 +50,8 @@ def snapshot(db: Path, caller: dict[str, Any]) -> dict[str, list[tuple[Any, ...]
             for table in ("usage", "ledger", "jobs")
         }
         rows["users"] = conn.execute(
-            "SELECT * FROM users WHERE NOT (platform = 'telegram' AND id = ?) ORDER BY rowid",
-            (str(caller["id"]),),
+            "SELECT * FROM users WHERE NOT (platform = ? AND id = ?) ORDER BY rowid",
+            (platform, str(caller["id"])),
         ).fetchall()
         return rows
 

@@ -24,7 +24,7 @@ import yarl
 from discord import app_commands
 
 from adapters.discord.admin import admin_group
-from adapters.discord.buttons import EDIT_FORM, Buttons, JobButton
+from adapters.discord.buttons import CUSTOM_ID_RE, EDIT_FORM, Buttons
 from adapters.discord.commands import Commands
 from adapters.discord.delivery import TOKEN_LIFETIME, Interaction
 from adapters.discord.errors import FIELD_TOKEN, REDACTED_LOGGERS, URL_TOKEN, ErrorHook
@@ -74,13 +74,25 @@ class BrushClient(discord.Client):
     async def on_interaction(self, interaction: Interaction) -> None:
         # Modal submits are matched by custom id here rather than by the in-memory Modal object,
         # so an Edit form opened before a restart still works after it.
+        data = interaction.data
+        if interaction.type is discord.InteractionType.component:
+            # Every press is handled here, by its custom id alone: a button from before a
+            # restart works, and one whose id is not on the message (a stale or forged client)
+            # is still answered — discord.py's own dispatch would drop it, and the user would
+            # read "This interaction failed". An id that is not ours is acknowledged silently.
+            custom_id = str(data.get("custom_id", "")) if data is not None else ""
+            match = CUSTOM_ID_RE.fullmatch(custom_id)
+            if match is not None:
+                await self.buttons.pressed(interaction, match["action"], match["job"])
+            elif not interaction.response.is_done():
+                with contextlib.suppress(discord.HTTPException):
+                    await interaction.response.defer()
+            return
         if interaction.type is not discord.InteractionType.modal_submit:
             return
-        data = interaction.data
-        custom_id = data.get("custom_id", "") if data is not None else ""
-        match = EDIT_FORM.fullmatch(str(custom_id))
-        if match is not None:
-            await self.buttons.edit_submitted(interaction, match["job"])
+        form = EDIT_FORM.fullmatch(str(data.get("custom_id", "")) if data is not None else "")
+        if form is not None:
+            await self.buttons.edit_submitted(interaction, form["job"])
 
 
 class DiscordAdapter:
@@ -230,7 +242,6 @@ class DiscordAdapter:
 
     async def _setup(self, client: BrushClient) -> None:
         """Called by discord.py after login: register buttons and commands, then sync them."""
-        client.add_dynamic_items(JobButton)
         tree = client.tree
         commands = Commands(self.service, self.settings, self.buttons, self.vouched)
         for command in commands.build():

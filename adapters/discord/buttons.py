@@ -60,9 +60,8 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], temp
         return cls(match["action"], match["job"])
 
     async def callback(self, interaction: Interaction) -> None:
-        handler = getattr(interaction.client, "buttons", None)
-        if isinstance(handler, Buttons):
-            await handler.pressed(interaction, self.action, self.job_id)
+        """Nothing: every press is handled once, by its custom id, in ``BrushClient.on_interaction``
+        (views discord.py keeps for the messages it sent must not handle it a second time)."""
 
 
 def view_of(*buttons: JobButton) -> discord.ui.View:
@@ -178,6 +177,11 @@ class Buttons:
     async def _press(self, interaction: Interaction, action: str, job_id: str) -> None:
         service, user = self.service, interaction.user
         actor = user_ref(user)
+        # a forged custom id naming a job of another channel must not show or redraw it there;
+        # cancel is exempt: /jobs lists your own jobs (with cancel buttons) in any channel
+        if action != "cancel" and not self._same_channel(await service.job(job_id), interaction):
+            await self.answer(interaction, messages.NOT_THIS_CHAT)
+            return
         if action == "info":
             await self.answer(interaction, messages.info_text(await service.job(job_id)))
         elif action == "cancel":
@@ -208,8 +212,15 @@ class Buttons:
             job = await service.job(job_id)
             await interaction.response.send_modal(EditModal(job, self.max_prompt_chars))
 
+    @staticmethod
+    def _same_channel(job: Job, interaction: Interaction) -> bool:
+        return str(job.delivery.get("channel_id")) == str(interaction.channel_id)
+
     async def _edit_submit(self, interaction: Interaction, job_id: str) -> None:
         old = await self.service.job(job_id)
+        if not self._same_channel(old, interaction):
+            await self.answer(interaction, messages.NOT_THIS_CHAT)
+            return
         request = self.service.build(edited_options(old, modal_values(interaction.data)))
         user = interaction.user
         await defer_then(

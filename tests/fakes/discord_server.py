@@ -660,6 +660,16 @@ class FakeDiscord:
         channel = self.channels[int(msg["channel_id"])]
         return await self._interact(MESSAGE_COMPONENT, data, user, channel, message=msg)
 
+    async def forge_click(
+        self, message: Mapping[str, Any] | int, custom_id: str, user: FakeUser
+    ) -> FakeInteraction:
+        """A component interaction with any ``custom_id`` under ``message``, as a modified client
+        (or a stale one) can send: Discord does not check it against the message's buttons."""
+        msg = self.messages[message] if isinstance(message, int) else self.messages[int(message["id"])]
+        data = {"custom_id": custom_id, "component_type": 2}
+        channel = self.channels[int(msg["channel_id"])]
+        return await self._interact(MESSAGE_COMPONENT, data, user, channel, message=msg)
+
     async def submit_modal(
         self,
         opened_by: FakeInteraction,
