@@ -1,31 +1,50 @@
-"""Real crashes: ``python -m bot`` is SIGKILLed at chosen moments against the fake Telegram, then restarted.
+"""Real crashes: ``python -m bot`` is SIGKILLed at chosen moments against the fake Telegram and the
+fake Discord, then restarted.
 
-Each test starts the bot on the tiny model, kills it with SIGKILL at one point of a job's life
-(queued, mid-denoise, after the PNG was saved, after Telegram answered the upload but before the
-database heard of it), starts it again on the same database and output folder, and checks:
-every job delivered, none lost; each user's ledger adds up to what their delivered jobs cost,
-with one commit per job; and a second copy of a result only where a send was in flight at the kill.
+Each test starts the bot on the tiny model with one platform, kills it with SIGKILL at one point
+of a job's life (queued, mid-denoise, after the PNG was saved, after the platform acted on the
+upload but before the database heard of it), starts it again on the same database and output
+folder, and checks: every job delivered, none lost; each user's ledger adds up to what their
+delivered jobs cost, with one commit per job; and a second copy of a result only where a send was
+in flight at the kill. On Discord a result is an edit of the interaction's message while its token
+lives, so the repeated send edits the same message: one result message per job all the same.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from adapters.telegram import parse_callback
+from tests.botprocess import (
+    BotProcess,
+    check_books,
+    crash,
+    discord_env,
+    mid_draw_text,
+    restart_until_delivered,
+    telegram_env,
+)
+from tests.fakes.discord_server import FakeDiscord, FakeInteraction, RecordedRequest, rendered
 from tests.fakes.telegram_server import ApiCall, FakeTelegram, Limit
-from tests.test_shutdown import BotProcess, _loopback_without_proxy, mid_draw  # noqa: F401  (a fixture)
+from tests.test_shutdown import _loopback_without_proxy, mid_draw  # noqa: F401  (a fixture)
 
 ALICE = FakeTelegram.user(21, "Alice", "alice")
 BOB = FakeTelegram.user(22, "Bob", "bob")
 GROUP = -100_333
 #: a job long enough to be caught drawing; in a quiet group its status is edited after every step
-SLOW = "/draw a slow fox --steps 50"
-QUICK = "/draw a quick fox"
+SLOW = "a slow fox --steps 50"
+QUICK = "a quick fox"
+POINTS = ["queued", "denoise", "saved", "answered"]
+#: every job's settings in these tests (a job costs a few credits; nobody runs out)
+ENV = {"SHUTDOWN_GRACE": "300", "DAILY_CREDITS": "100", "MAX_STEPS": "300"}
+
+
+# ---------------------------------------------------------------------------------- Telegram
 
 
 @pytest.fixture
@@ -36,7 +55,7 @@ async def tg() -> AsyncIterator[FakeTelegram]:
         yield fake
 
 
-def to(chat: dict[str, object]) -> object:
+def to(chat: dict[str, object]) -> Callable[[ApiCall], bool]:
     return lambda call: call.chat_id == chat["id"]
 
 
@@ -50,24 +69,7 @@ def photo_job(call: ApiCall) -> str:
     return f"?{call.seq}"
 
 
-def check_books(db: Path) -> dict[str, str]:
-    """Every job's state; asserts the ledger adds up per user and each job is committed at most once."""
-    with sqlite3.connect(db) as conn:
-        jobs = conn.execute("SELECT id, user_id, state, credits FROM jobs").fetchall()
-        rows = conn.execute(
-            "SELECT user_id, kind, amount, job_id FROM ledger WHERE job_id IS NOT NULL"
-        ).fetchall()
-    for user in {u for _, u, _, _ in jobs}:
-        owed = sum(credits for _, u, state, credits in jobs if u == user and state == "delivered")
-        assert sum(amount for u, _, amount, _ in rows if u == user) == -owed, user
-    commits = Counter(job for _, kind, _, job in rows if kind == "commit")
-    assert all(n == 1 for n in commits.values()), commits
-    reserves = Counter(job for _, kind, _, job in rows if kind == "reserve")
-    assert all(n == 1 for n in reserves.values()), reserves
-    return {job_id: state for job_id, _, state, _ in jobs}
-
-
-@pytest.mark.parametrize("point", ["queued", "denoise", "saved", "answered"])
+@pytest.mark.parametrize("point", POINTS)
 async def test_sigkill_then_restart_delivers_everything_and_the_books_add_up(
     tg: FakeTelegram,
     tmp_path: Path,
@@ -78,50 +80,124 @@ async def test_sigkill_then_restart_delivers_everything_and_the_books_add_up(
     # progress shows in a group at every step; the upload's chat action only in a private chat
     alice = tg.group(GROUP, "artists") if slow else tg.private_chat(ALICE)
     bob = tg.private_chat(BOB)
-    first = BotProcess(tg, tmp_path, tiny_model_dir, SHUTDOWN_GRACE="300", DAILY_CREDITS="100")
-    await first.start()
-    draws = 1
-    try:
-        await first.logged("brushbot is running")
-        tg.inject_message(alice, ALICE, SLOW if slow else QUICK)
+
+    async def reach() -> int:
+        tg.inject_message(alice, ALICE, f"/draw {SLOW if slow else QUICK}")
         if point == "queued":
             await tg.wait_for("editMessageText", lambda c: mid_draw(c) and c.chat_id == alice["id"])
             tg.inject_message(bob, BOB, "/draw a queued cat")  # waits behind Alice's job
-            draws = 2
             await tg.wait_for("sendMessage", to(bob))
-        elif point == "denoise":
+            return 2
+        if point == "denoise":
             await tg.wait_for("editMessageText", mid_draw)
         elif point == "saved":
             # sent only after the PNG is written and the row says "delivering"; the upload follows at once
             await tg.wait_for("sendChatAction", to(alice))
         else:
             await tg.wait_for("sendPhoto", to(alice))  # answered; the bot has not recorded it yet
-        first.signal(9)
-        assert await first.exited() == -9
-    finally:
-        await first.kill()
+        return 1
+
+    env = telegram_env(tg)
+    draws = await crash(BotProcess(tmp_path, tiny_model_dir, env, **ENV), reach)
+    db = tmp_path / "bot.sqlite3"
+    ids = await restart_until_delivered(BotProcess(tmp_path, tiny_model_dir, env, **ENV), db, draws)
+
     in_flight = point in ("saved", "answered")  # a send may have been under way at the kill
-
-    second = BotProcess(tg, tmp_path, tiny_model_dir, SHUTDOWN_GRACE="300", DAILY_CREDITS="100")
-    await second.start()
-    try:
-        await second.logged("brushbot is running")
-        db = tmp_path / "bot.sqlite3"
-        with sqlite3.connect(db) as conn:
-            ids = [row[0] for row in conn.execute("SELECT id FROM jobs ORDER BY created_at")]
-        assert len(ids) == draws  # nothing lost at the kill: every accepted job has its row
-
-        for job_id in ids:  # none was recorded delivered before the kill: each is, now
-            await second.logged(f"job {job_id} delivered")
-        second.signal(15)  # drain: the last database writes happen before it exits
-        assert await second.exited() == 0, "\n".join(second.lines[-30:])
-    finally:
-        await second.kill()
-
     states = check_books(db)
     assert set(states.values()) == {"delivered"}, states
     copies = Counter(photo_job(c) for c in tg.calls_of("sendPhoto", ok=True))
     assert set(copies) == set(ids)
     assert all(n <= (2 if in_flight and job == ids[0] else 1) for job, n in copies.items()), copies
-    if point in ("queued", "denoise"):
+    if not in_flight:
         assert all(n == 1 for n in copies.values())
+
+
+# ---------------------------------------------------------------------------------- Discord
+
+#: an edit through an interaction's webhook: its status, and finally its result
+WEBHOOK_EDIT = r"/webhooks/\d+/[^/]+/messages/\d+"
+#: an interaction's status is edited at most 5 times in 2 s: a job drawn for a few seconds is
+#: still drawing when its first progress edit (or another job's first status) arrives
+SLOWER = "a slow fox --steps 300"
+
+
+@pytest.fixture
+async def dc() -> AsyncIterator[FakeDiscord]:
+    async with FakeDiscord() as fake:
+        yield fake
+        assert not fake.errors, fake.errors
+        assert not [r for r in fake.requests if r.unknown_route], "the bot called a route the fake lacks"
+
+
+def drawing(interaction: FakeInteraction) -> Callable[[RecordedRequest], bool]:
+    """A progress edit of the interaction's message from the middle of the drawing."""
+    return lambda r: (
+        interaction.token in r.path and mid_draw_text(rendered(str((r.json or {}).get("content"))))
+    )
+
+
+def job_of(payload: object) -> str | None:
+    """The job id a message's buttons carry (``bb:<action>:<job>``)."""
+    ids = FakeDiscord.custom_ids(payload) if isinstance(payload, dict) else []
+    return next((cid.split(":")[2] for cid in ids if cid.startswith("bb:") and cid.count(":") == 2), None)
+
+
+@pytest.mark.parametrize("point", ["denoise+queued", "saved", "answered"])
+async def test_discord_sigkill_then_restart_delivers_everything_and_the_books_add_up(
+    dc: FakeDiscord,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    point: str,
+) -> None:
+    alice, bob = dc.add_user("alice"), dc.add_user("bob")
+    # a channel of its own, so Bob's job gets its own "queued" status (in a busy channel it waits silently)
+    studio = dc.add_channel("studio")
+    drawing_at_kill = point == "denoise+queued"
+    # the result's upload: held before Discord sees it (then lost, as a crash loses a send in
+    # flight), or held after Discord edited the message, its answer never reaching the bot
+    upload = None if drawing_at_kill else dc.hold(
+        "PATCH", WEBHOOK_EDIT, where=lambda r: bool(r.files), applied=point == "answered"
+    )  # fmt: skip
+    draws: list[FakeInteraction] = []
+
+    async def reach() -> int:
+        if drawing_at_kill:  # one kill for two points, to keep the test short: one job
+            # mid-denoise, another queued behind it
+            draws.append(await dc.slash("draw", alice, prompt=SLOWER))
+            await dc.wait_for_request("PATCH", WEBHOOK_EDIT, where=drawing(draws[0]), timeout=120)
+            queued = await dc.slash("draw", bob, prompt="a queued cat", channel=studio)
+            draws.append(queued)
+            # its "queued" status edit follows the job's row
+            await dc.wait_for_request(
+                "PATCH", WEBHOOK_EDIT, where=lambda r: queued.token in r.path, timeout=120
+            )
+        else:  # the PNG is saved and the row says "delivering" before the upload starts
+            assert upload is not None
+            draws.append(await dc.slash("draw", alice, prompt=QUICK))
+            await asyncio.wait_for(upload.arrived.wait(), 120)
+        return len(draws)
+
+    env = discord_env(dc)
+    try:
+        accepted = await crash(BotProcess(tmp_path, tiny_model_dir, env, **ENV), reach)
+    finally:
+        if upload is not None and point == "saved":
+            upload.drop()
+        elif upload is not None:
+            upload.release()
+    if drawing_at_kill:
+        assert not [r for r in dc.requests if r.files]  # Alice's job was still drawing at the kill
+    db = tmp_path / "bot.sqlite3"
+    ids = await restart_until_delivered(BotProcess(tmp_path, tiny_model_dir, env, **ENV), db, accepted)
+
+    states = check_books(db)
+    assert set(states.values()) == {"delivered"}, states
+    uploads = Counter(
+        job_of(r.json) for r in dc.requests if r.files and 200 <= r.status < 300 and not r.dropped
+    )
+    # only the upload Discord acted on before the kill is sent again
+    assert uploads == {job: 2 if point == "answered" else 1 for job in ids}, uploads
+    for job_id, interaction in zip(ids, draws, strict=True):
+        # one result per job, in the interaction's own message (its token still lives)
+        results = [m for m in dc.messages.values() if m["attachments"] and job_of(m) == job_id]
+        assert [int(m["id"]) for m in results] == [interaction.original_message_id], results

@@ -4,18 +4,15 @@ SIGTERM stops intake (a new /draw is refused with one line), lets the running im
 its result go out within ``SHUTDOWN_GRACE`` seconds, and exits 0; with no grace left the image
 is interrupted and resumes on the next start, delivered once and charged once.
 
-The fake lives on this test's event loop, so the bot process is awaited with asyncio's
-subprocess API: the loop keeps answering the bot while the test waits for it.
+The process is ``tests.botprocess.BotProcess``: awaited with asyncio's subprocess API, so the
+fake on this test's loop keeps answering the bot while the test waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,82 +20,18 @@ import pytest
 
 from bot import messages
 from bot.errors import RefusedError
+from tests.botprocess import BotProcess, mid_draw_text, telegram_env
 from tests.fakes.telegram_server import ApiCall, FakeTelegram
 from tests.test_service import ALICE as A
 from tests.test_service import BOB as B
 from tests.test_service import Harness
 
-ROOT = Path(__file__).resolve().parent.parent
 ALICE = FakeTelegram.user(11, "Alice", "alice")
 BOB = FakeTelegram.user(12, "Bob", "bob")
 GROUP = -100_222
 #: long enough that the signal lands while most steps are still to run (a tiny-model step takes
 #: tens of milliseconds); progress is edited into the group's status after every step
 SLOW = "/draw a slow fox --steps 40"
-
-
-class BotProcess:
-    """``python -m bot`` with its stderr collected line by line (waitable)."""
-
-    def __init__(self, tg: FakeTelegram, tmp_path: Path, model: Path, **env: str) -> None:
-        self.env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.endswith("_TOKEN") and k not in ("MODEL", "ADMIN_IDS")
-        }
-        self.env.update(
-            MODEL=str(model), DEVICE="cpu", WARMUP="false", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT),
-            DB_PATH=str(tmp_path / "bot.sqlite3"), OUTPUT_DIR=str(tmp_path / "outputs"),
-            TELEGRAM_TOKEN=tg.token, TELEGRAM_BASE_URL=tg.base_url, TELEGRAM_BASE_FILE_URL=tg.base_file_url,
-            PROGRESS_INTERVAL="0.01", GROUP_PROGRESS_INTERVAL="0.01", DAILY_CREDITS="10", LOG_LEVEL="INFO",
-            NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PTB_TIMEDELTA="1",
-        )  # fmt: skip
-        self.env.update(env)
-        self.cwd = tmp_path
-        self.lines: list[str] = []
-        self._changed = asyncio.Event()
-        self.proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", cwd=self.cwd, env=self.env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            self.lines.append(raw.decode(errors="replace").rstrip())
-            self._changed.set()
-
-    async def logged(self, text: str, timeout: float = 120) -> None:
-        """Wait until a stderr line contains ``text`` (the timeout is a safety net)."""
-        async with asyncio.timeout(timeout):
-            while not any(text in line for line in self.lines):
-                self._changed.clear()
-                await self._changed.wait()
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def exited(self, timeout: float = 120) -> int:
-        assert self.proc is not None and self._reader is not None
-        async with asyncio.timeout(timeout):
-            code = await self.proc.wait()
-            await self._reader
-        return code
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
 
 
 @pytest.fixture(autouse=True)
@@ -115,11 +48,7 @@ async def tg() -> AsyncIterator[FakeTelegram]:
 
 def mid_draw(call: ApiCall) -> bool:
     """A progress edit from the middle of the drawing (steps are left to run)."""
-    text = str(call.params.get("text", ""))
-    if call.method != "editMessageText" or " step " not in text:
-        return False
-    done, total = text.rsplit(" step ", 1)[1].split("/")
-    return 0 < int(done) < int(total)
+    return call.method == "editMessageText" and mid_draw_text(str(call.params.get("text", "")))
 
 
 def ledger(db: Path) -> list[tuple[str, int]]:
@@ -136,7 +65,7 @@ async def test_sigterm_refuses_new_work_lets_the_image_finish_and_exits_0(
     tg: FakeTelegram, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     group, bob = tg.group(GROUP, "artists"), tg.private_chat(BOB)
-    bot = BotProcess(tg, tmp_path, tiny_model_dir, SHUTDOWN_GRACE="300")
+    bot = BotProcess(tmp_path, tiny_model_dir, telegram_env(tg), SHUTDOWN_GRACE="300")
     await bot.start()
     try:
         await bot.logged("brushbot is running")
@@ -162,7 +91,9 @@ async def test_sigterm_without_grace_requeues_the_image_and_the_next_start_deliv
     tg: FakeTelegram, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     group = tg.group(GROUP, "artists")
-    first = BotProcess(tg, tmp_path, tiny_model_dir, SHUTDOWN_GRACE="0", GROUP_PROGRESS_INTERVAL="0.3")
+    first = BotProcess(
+        tmp_path, tiny_model_dir, telegram_env(tg), SHUTDOWN_GRACE="0", GROUP_PROGRESS_INTERVAL="0.3"
+    )
     await first.start()
     try:
         await first.logged("brushbot is running")
@@ -179,7 +110,9 @@ async def test_sigterm_without_grace_requeues_the_image_and_the_next_start_deliv
 
     # the fake's group window still counts the first run's messages, which the new process cannot
     # know: few progress edits this time, so the result is not held up by a 429
-    second = BotProcess(tg, tmp_path, tiny_model_dir, SHUTDOWN_GRACE="300", GROUP_PROGRESS_INTERVAL="30")
+    second = BotProcess(
+        tmp_path, tiny_model_dir, telegram_env(tg), SHUTDOWN_GRACE="300", GROUP_PROGRESS_INTERVAL="30"
+    )
     await second.start()
     try:
         await tg.wait_for("sendPhoto")

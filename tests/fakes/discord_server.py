@@ -172,6 +172,7 @@ class RecordedRequest:
     rate_limited: bool = False  # refused with 429 by the fake's buckets (not an injected error)
     headers: dict[str, str] = field(default_factory=dict)  # the rate-limit headers answered
     channel_id: int | None = None  # the channel it reads or writes (webhooks: their interaction's)
+    dropped: bool = False  # held, then lost in flight (``Hold.drop``): never applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +284,48 @@ class _Injected:
     where: Callable[[RecordedRequest], bool] | None
 
 
+class Hold:
+    """The next request matching it waits in the fake until the test lets it go (``FakeDiscord.hold``).
+
+    Held ``before`` Discord acts on it, ``drop()`` loses it the way a crash loses a send in flight
+    (never applied, never answered); held ``after``, Discord has acted on it and only the answer
+    waits, which ``release()`` sends (to nobody, once the bot is gone).
+    """
+
+    def __init__(
+        self, method: str, pattern: re.Pattern[str], where: Callable[[RecordedRequest], bool] | None,
+        *, applied: bool,
+    ) -> None:  # fmt: skip
+        self.method = method
+        self.pattern = pattern
+        self.where = where
+        self.applied = applied
+        self.request: RecordedRequest | None = None
+        self.arrived = asyncio.Event()
+        self._let_go = asyncio.Event()
+        self.dropped = False
+
+    def matches(self, r: RecordedRequest) -> bool:
+        return (
+            self.request is None
+            and r.method == self.method
+            and self.pattern.fullmatch(r.path) is not None
+            and (self.where is None or self.where(r))
+        )
+
+    async def wait(self, r: RecordedRequest) -> None:
+        self.request = r
+        self.arrived.set()
+        await self._let_go.wait()
+
+    def release(self) -> None:
+        self._let_go.set()
+
+    def drop(self) -> None:
+        self.dropped = True
+        self._let_go.set()
+
+
 class _GatewayConnection:
     """One bot connected to the gateway."""
 
@@ -360,6 +403,7 @@ class FakeDiscord:
         self.identifies: list[dict[str, Any]] = []
         self.bad_logins = 0
         self._injected: list[_Injected] = []
+        self._holds: list[Hold] = []
         self._connections: list[_GatewayConnection] = []
         self._changed: asyncio.Condition | None = None
         self._runner: web.AppRunner | None = None
@@ -390,7 +434,11 @@ class FakeDiscord:
         self._port = int(self._runner.addresses[0][1])
 
     async def close(self) -> None:
-        """Close every gateway connection and stop the server."""
+        """Close every gateway connection and stop the server (a held request is dropped)."""
+        for hold in self._holds:
+            if not hold.applied:
+                hold.drop()
+            hold.release()
         for conn in list(self._connections):
             with contextlib.suppress(Exception):
                 await conn.ws.close(code=1001, message=b"fake shutting down")
@@ -459,6 +507,19 @@ class FakeDiscord:
         self._injected.append(
             _Injected(method.upper(), re.compile(path), status, body, dict(headers or {}), times, where)
         )
+
+    def hold(
+        self, method: str, path: str, *, where: Callable[[RecordedRequest], bool] | None = None,
+        applied: bool = False,
+    ) -> Hold:  # fmt: skip
+        """Hold the next request whose path fully matches the regex ``path`` (and ``where``).
+
+        With ``applied`` the fake acts on it first (a message is posted or edited) and holds only
+        its answer. ``await hold.arrived.wait()`` to see it come in.
+        """
+        hold = Hold(method.upper(), re.compile(path), where, applied=applied)
+        self._holds.append(hold)
+        return hold
 
     def rate_limit(self, method: str, path: str, *, retry_after: float = 0.05, times: int = 1) -> None:
         """Answer the next ``times`` matching requests with a 429 that discord.py retries."""
@@ -897,8 +958,15 @@ class FakeDiscord:
             at=self._loop.time(),
         )
         self.requests.append(record)
+        record.channel_id = self._channel_of(record)
+        hold = next((h for h in self._holds if h.matches(record)), None)
+        if hold is not None and not hold.applied:
+            await hold.wait(record)
+            if hold.dropped:  # lost on the way: Discord never saw it
+                record.dropped = True
+                await self._notify()
+                return _error(503, 0, "dropped in flight")
         try:
-            record.channel_id = self._channel_of(record)
             response = self._injected_response(record)
             if response is None:
                 refused, headers = self._take_slot(record)
@@ -916,6 +984,8 @@ class FakeDiscord:
         ):
             record.response = json.loads(response.body)  # type: ignore[arg-type]
         await self._notify()
+        if hold is not None and hold.applied:
+            await hold.wait(record)
         return response
 
     # ------------------------------------------------------------------ rate limits
