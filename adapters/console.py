@@ -2,7 +2,8 @@
 
 Type ``/draw a red fox in snow --seed 7`` and watch the queue, the progress and the saved
 paths; ``/draw a watercolour --image photo.jpg --strength 0.5`` draws from a picture.
-Input is read on a thread so the loop never blocks.
+Input is read on a daemon thread of its own so the loop never blocks, and a stop (SIGTERM) does
+not wait for a line that may never come.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import getpass
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
@@ -103,11 +105,12 @@ class ConsoleAdapter:
         """The read–answer loop. At end of input, waits for this user's jobs to finish."""
         self.say(messages.CONSOLE_GREETING)
         interactive = self._stdin.isatty()
+        lines = self._read_lines()
         while True:
             if interactive:
                 self._stdout.write(PROMPT)
                 self._stdout.flush()
-            line = await asyncio.to_thread(self._stdin.readline)
+            line = await lines.get()
             if not line:
                 break
             line = line.strip()
@@ -124,6 +127,28 @@ class ConsoleAdapter:
                 self.say(f"⚠ {messages.GENERIC_ERROR}")
         if wait_for_jobs:
             await self.wait_idle()
+
+    def _read_lines(self) -> asyncio.Queue[str]:
+        """Lines of input as they come ("" at the end), read on a daemon thread.
+
+        A daemon thread, not the loop's executor: a blocked ``readline`` must not keep the process
+        from exiting once the console is stopped.
+        """
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str] = asyncio.Queue()
+
+        def read() -> None:
+            while True:
+                line = self._stdin.readline()
+                try:
+                    loop.call_soon_threadsafe(lines.put_nowait, line)
+                except RuntimeError:  # the loop is closed: nobody reads any more
+                    return
+                if not line:
+                    return
+
+        threading.Thread(target=read, name="brushbot-console-input", daemon=True).start()
+        return lines
 
     async def wait_idle(self) -> None:
         """Wait until every job has finished (the console has one user)."""

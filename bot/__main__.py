@@ -78,21 +78,41 @@ async def serve(settings: Settings, *, console: bool) -> None:
         # Registered last, so it runs first: the service stops (leaving unfinished jobs for the
         # next start) before the adapters it delivers through are closed.
         stack.push_async_callback(service.close)
+        console_adapter = None
         if use_console:
-            adapter = ConsoleAdapter(service)
-            await adapter.start()
+            console_adapter = ConsoleAdapter(service)
+            await console_adapter.start()
             if not console:
                 _log.info("no DISCORD_TOKEN or TELEGRAM_TOKEN set: starting the console")
-            await service.recover()
-            await adapter.run()
-            return
         # from here on a signal is a graceful stop, also while the unfinished jobs are taken back
         stop, hurry = _on_signals()
         await service.recover()
-        _log.info("brushbot is running; Ctrl+C stops it (unfinished jobs resume on the next start)")
-        await stop.wait()
-        # the running image and the results owed get SHUTDOWN_GRACE seconds (a second signal: none)
-        await service.drain(settings.shutdown_grace, hurry)
+        if console_adapter is None:
+            _log.info("brushbot is running; Ctrl+C stops it (unfinished jobs resume on the next start)")
+            await stop.wait()
+            # the running image and the results owed get SHUTDOWN_GRACE seconds (a second signal: none)
+            await service.drain(settings.shutdown_grace, hurry)
+            return
+        # the console answers until the drain is over (a /draw typed meanwhile is refused in one line)
+        chat = asyncio.create_task(console_adapter.run(), name="console")
+        try:
+            if await _signalled_before(chat, stop):
+                await service.drain(settings.shutdown_grace, hurry)
+            else:
+                chat.result()  # end of input or /quit (or the console's own failure)
+        finally:
+            chat.cancel()
+            await asyncio.gather(chat, return_exceptions=True)
+
+
+async def _signalled_before(task: asyncio.Task[None], stop: asyncio.Event) -> bool:
+    """Wait until ``task`` ends or ``stop`` is set; whether ``stop`` was set first."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    return stop.is_set()
 
 
 def _on_signals() -> tuple[asyncio.Event, asyncio.Event]:

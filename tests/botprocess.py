@@ -93,9 +93,10 @@ class BotProcess:
             into.append(raw.decode(errors="replace").rstrip())
             self._changed.set()
 
-    async def _seen(self, text: str, lines: list[str], timeout: float) -> None:
+    async def _seen(self, text: str | Callable[[str], bool], lines: list[str], timeout: float) -> None:
+        match = text if callable(text) else lambda line: text in line
         async with asyncio.timeout(timeout):
-            while not any(text in line for line in lines):
+            while not any(match(line) for line in lines):
                 self._changed.clear()
                 await self._changed.wait()
 
@@ -103,8 +104,8 @@ class BotProcess:
         """Wait until a stderr line contains ``text`` (the timeout is a safety net)."""
         await self._seen(text, self.lines, timeout)
 
-    async def said(self, text: str, timeout: float = 120) -> None:
-        """Wait until a stdout line contains ``text`` (the timeout is a safety net)."""
+    async def said(self, text: str | Callable[[str], bool], timeout: float = 120) -> None:
+        """Wait until a stdout line contains ``text`` (or matches it) (the timeout is a safety net)."""
         await self._seen(text, self.out, timeout)
 
     async def type(self, line: str) -> None:

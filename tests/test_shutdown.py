@@ -20,7 +20,7 @@ import pytest
 
 from bot import messages
 from bot.errors import RefusedError
-from tests.botprocess import BotProcess, mid_draw_text, telegram_env
+from tests.botprocess import BotProcess, check_books, mid_draw_text, telegram_env
 from tests.fakes.telegram_server import ApiCall, FakeTelegram
 from tests.test_service import ALICE as A
 from tests.test_service import BOB as B
@@ -123,6 +123,32 @@ async def test_sigterm_without_grace_requeues_the_image_and_the_next_start_deliv
     assert len(tg.calls_of("sendPhoto", GROUP, ok=True)) == 1 and not tg.rate_limited
     assert job_states(db) == ["delivered"]
     assert [kind for kind, _ in ledger(db)] == ["commit", "reserve"]
+
+
+async def test_the_console_drains_on_sigterm_like_the_chat_bot(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # stdin stays open: the stop must not wait for a line that never comes
+    bot = BotProcess(
+        tmp_path, tiny_model_dir, {}, "console", stdin=True, SHUTDOWN_GRACE="300", MAX_STEPS="200",
+        DAILY_CREDITS="100",
+    )  # fmt: skip
+    await bot.start()
+    try:
+        await bot.said("brushbot console")
+        await bot.type("/draw a slow fox --steps 200")
+        await bot.said(mid_draw_text)
+        bot.signal(signal.SIGTERM)
+        await bot.logged("stopping intake")
+        await bot.type("/draw too late")
+        await bot.said(lambda line: messages.SHUTTING_DOWN.lower() in line.lower())
+        assert await bot.exited() == 0, "\n".join(bot.lines[-30:])
+    finally:
+        await bot.kill()
+    assert any("1 started job(s) may finish" in line for line in bot.lines)  # it was drawing at the signal
+    assert any("started jobs finished" in line for line in bot.lines)  # and was drawn to the end
+    db = tmp_path / "bot.sqlite3"
+    assert job_states(db) == ["delivered"]  # the late /draw left no row
+    assert [line for line in bot.out if " done in " in line]  # its result: where it was saved
+    check_books(db)
 
 
 # ---------------------------------------------------------------------- the service's part, in process
