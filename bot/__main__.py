@@ -42,6 +42,9 @@ def _secrets(settings: Settings) -> list[str]:
 
 # ---------------------------------------------------------------------------------- serve
 
+#: after the drain, how long the commands Telegram already handed over may take to be answered
+LAST_ANSWERS_SECONDS = 15.0
+
 
 async def serve(settings: Settings, *, console: bool) -> None:
     """Run the service with the adapters whose tokens are set, or the console."""
@@ -67,10 +70,11 @@ async def serve(settings: Settings, *, console: bool) -> None:
             sources=SourceStore(settings.output_dir),
         )
         await service.start()
+        telegram = None
         if tokens["TELEGRAM_TOKEN"] and not console:
             from adapters.telegram import TelegramAdapter
 
-            await stack.enter_async_context(TelegramAdapter(service, settings))
+            telegram = await stack.enter_async_context(TelegramAdapter(service, settings))
         if tokens["DISCORD_TOKEN"] and not console:
             from adapters.discord import DiscordAdapter
 
@@ -92,6 +96,11 @@ async def serve(settings: Settings, *, console: bool) -> None:
             await stop.wait()
             # the running image and the results owed get SHUTDOWN_GRACE seconds (a second signal: none)
             await service.drain(settings.shutdown_grace, hurry)
+            if telegram is not None and not hurry.is_set():
+                # updates already fetched count as delivered for Telegram: answer them before closing
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LAST_ANSWERS_SECONDS):
+                        await telegram.finish_intake()
             return
         # the console answers until the drain is over (a /draw typed meanwhile is refused in one line)
         chat = asyncio.create_task(console_adapter.run(), name="console")

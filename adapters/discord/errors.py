@@ -62,12 +62,23 @@ def core_error(exc: BaseException) -> DeliveryError:
     if isinstance(exc, discord.RateLimited):
         return RateLimitedError(exc.retry_after)
     if isinstance(exc, discord.HTTPException):
+        if exc.status == 429:  # discord.py's own retries ran out in a storm: the lane waits it out
+            return RateLimitedError(_retry_after(exc))
         if chat_gone(exc):
             return UnreachableError(f"the channel is gone or closed to the bot ({exc.status})")
         if exc.status == 400:  # a bad request stays bad: not retried, the requester is told
             return MessageRefusedError(f"Discord refused the message ({exc.code or 'no code'})")
         return DeliveryError(f"Discord answered {exc.status} ({exc.code or 'no code'})")
     return DeliveryError(f"could not reach Discord ({type(exc).__name__})")
+
+
+def _retry_after(exc: discord.HTTPException) -> float:
+    """The wait a 429 asks for (its ``Retry-After`` header), at least a second when it names none."""
+    headers = getattr(exc.response, "headers", None) or {}
+    try:
+        return max(1.0, float(headers.get("Retry-After", 1.0)))
+    except (TypeError, ValueError):
+        return 1.0
 
 
 class ErrorHook:

@@ -8,6 +8,7 @@ error hook turn them into core calls; the transport carries what the core says b
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from adapters.telegram.admin import ADMIN_COMMANDS, NUMERIC_ID, AdminCommands
 from adapters.telegram.buttons import Buttons
 from adapters.telegram.commands import PUBLIC_COMMANDS
 from adapters.telegram.delivery import PLATFORM, display_name, user_ref
-from adapters.telegram.errors import ErrorHook
+from adapters.telegram.errors import START_ATTEMPTS, ErrorHook, answer_press, waiting_out_floods
 from adapters.telegram.transport import (
     DOCUMENT_LIMIT,
     GROUP_LIMIT,
@@ -156,7 +157,7 @@ class TelegramAdapter:
         self._guard_logs(token)
         app = self._build(token)
         try:
-            await app.initialize()
+            await waiting_out_floods("getMe", app.initialize)
         except InvalidToken:
             await self._shutdown_requests()
             self._restore_logs()
@@ -190,18 +191,35 @@ class TelegramAdapter:
         assert updater is not None
         allowed = [Update.MESSAGE, Update.CALLBACK_QUERY]
         if self._webhook is None:
-            await updater.start_polling(
-                timeout=dt.timedelta(seconds=self._poll_timeout), allowed_updates=allowed
+            await updater.start_polling(  # its deleteWebhook waits out 429s like getMe
+                timeout=dt.timedelta(seconds=self._poll_timeout),
+                allowed_updates=allowed,
+                bootstrap_retries=START_ATTEMPTS,
             )
             return
         hook = self._webhook
         try:
             await updater.start_webhook(
                 listen=hook.listen, port=hook.port, url_path=hook.path, webhook_url=hook.url,
-                secret_token=hook.secret_token, allowed_updates=allowed,
+                secret_token=hook.secret_token, allowed_updates=allowed, bootstrap_retries=START_ATTEMPTS,
             )  # fmt: skip
         except RuntimeError as err:  # PTB without its "webhooks" extra
             raise ConfigError(f"webhook mode is not available: {err}") from None
+
+    async def finish_intake(self) -> None:
+        """Stop fetching updates and handle the ones already fetched, then send their answers.
+
+        Telegram counts a fetched update as delivered, so one left in the queue at exit is a
+        command nobody ever answers; called after the service's drain, before it closes.
+        """
+        app = self._app
+        if app is None:
+            return
+        if app.updater is not None and app.updater.running:
+            await app.updater.stop()
+        if app.running:
+            await app.stop()  # handles every update still queued
+        await self.service.status.flushed()
 
     async def close(self) -> None:
         """Stop polling and handlers, close the HTTP clients; unfinished jobs stay in the store."""
@@ -290,7 +308,9 @@ class TelegramAdapter:
         bot = self.bot
         public = [BotCommand(name, text) for name, text in PUBLIC_COMMANDS]
         try:
-            await bot.set_my_commands(public, scope=BotCommandScopeDefault())
+            await waiting_out_floods(
+                "setMyCommands", lambda: bot.set_my_commands(public, scope=BotCommandScopeDefault())
+            )
         except TelegramError as err:
             _log.warning("could not register the Telegram command list: %s", err)
         # Admins see the admin commands in their private chat with the bot.
@@ -300,7 +320,10 @@ class TelegramAdapter:
             if platform != PLATFORM or not NUMERIC_ID.fullmatch(ident):
                 continue
             try:
-                await bot.set_my_commands(admin_commands, scope=BotCommandScopeChat(int(ident)))
+                scope = BotCommandScopeChat(int(ident))
+                await waiting_out_floods(
+                    "setMyCommands", functools.partial(bot.set_my_commands, admin_commands, scope=scope)
+                )
             except TelegramError as err:  # "chat not found" until the admin has started the bot
                 _log.info("admin command list not set for %s: %s", key, err)
 
@@ -334,7 +357,7 @@ class TelegramAdapter:
                 if is_ours:
                     _log.info("ignored a command from chat %s: not in TELEGRAM_ALLOWED_CHATS", chat.id)
                 if update.callback_query is not None:
-                    await update.callback_query.answer(messages.NOT_ENABLED_HERE)
+                    await answer_press(update.callback_query, messages.NOT_ENABLED_HERE)
                 raise ApplicationHandlerStop
         if is_ours:
             # "seen" users can be named as @username in admin commands

@@ -12,6 +12,7 @@ from telegram.error import BadRequest
 from telegram.ext import ContextTypes, ExtBot
 
 from adapters.telegram.delivery import PLATFORM, delivery_of, display_name, user_ref
+from adapters.telegram.errors import answer_press
 from bot import messages
 from bot.domain import VARY_STRONG, VARY_SUBTLE, Job, JobState, UploadFile
 from bot.errors import NotFoundError, RequestError
@@ -80,7 +81,7 @@ class Buttons:
         assert query is not None and user is not None
         parsed = parse_callback(query.data)
         if parsed is None or query.message is None:
-            await query.answer()
+            await answer_press(query)
             return
         action, job_id = parsed
         actor = user_ref(user)
@@ -90,24 +91,24 @@ class Buttons:
         # a payload is only honoured under a message of the job's own chat: a forged one naming
         # a job of another chat (its id seen in a caption or /jobs) must not reveal or redraw it
         if str((await service.job(job_id)).delivery.get("chat_id")) != str(chat.id):
-            await query.answer(messages.NOT_THIS_CHAT, show_alert=True)
+            await answer_press(query, messages.NOT_THIS_CHAT, show_alert=True)
             return
         if action == "reroll":
             ticket = await service.reroll(
                 actor, job_id, delivery=delivery_of(message), user_name=display_name(user),
                 nsfw_allowed=chat.type == ChatType.PRIVATE,
             )  # fmt: skip
-            await query.answer(messages.rerolling_text(ticket.job))
+            await answer_press(query, messages.rerolling_text(ticket.job))
         elif action in VARY_STRENGTHS:
             ticket = await service.vary(
                 actor, job_id, VARY_STRENGTHS[action], delivery=delivery_of(message),
                 user_name=display_name(user), nsfw_allowed=chat.type == ChatType.PRIVATE,
             )  # fmt: skip
-            await query.answer(messages.varying_text(ticket.job))
+            await answer_press(query, messages.varying_text(ticket.job))
         elif action == "png":
             job = await service.job(job_id)
             await self._check_originals(job)
-            await query.answer(messages.PNG_SENT)  # before the files are read and fitted
+            await answer_press(query, messages.PNG_SENT)  # before the files are read and fitted
             files = [await service.upload_file(p, self._document_limit) for p in job.outputs]
             sending = service.status.carry(
                 PLATFORM, delivery_of(message),
@@ -119,10 +120,12 @@ class Buttons:
         elif action == "del":
             job = await service.authorize_delete(actor, job_id)
             await self._delete_results(context.bot, job, chat.id, message.message_id)
-            await query.answer(messages.DELETED)
+            await answer_press(query, messages.DELETED)
         else:
             job = await service.cancel(actor, job_id)
-            await query.answer(messages.CANCELLED if job.state is JobState.CANCELLED else messages.STOPPING)
+            await answer_press(
+                query, messages.CANCELLED if job.state is JobState.CANCELLED else messages.STOPPING
+            )
 
     @staticmethod
     async def _check_originals(job: Job) -> None:
