@@ -149,21 +149,31 @@ def job_ids(db: Path) -> list[str]:
         return [row[0] for row in conn.execute("SELECT id FROM jobs ORDER BY created_at")]
 
 
-def check_books(db: Path) -> dict[str, str]:
-    """Every job's state; asserts the ledger adds up per user and each job is committed at most once."""
+def books(db: Path) -> tuple[dict[str, str], list[str]]:
+    """Every job's state, and what does not add up: a user whose ledger is not minus what their
+    delivered jobs cost, a job committed or reserved more than once."""
     with sqlite3.connect(db) as conn:
         jobs = conn.execute("SELECT id, user_id, state, credits FROM jobs").fetchall()
         rows = conn.execute(
             "SELECT user_id, kind, amount, job_id FROM ledger WHERE job_id IS NOT NULL"
         ).fetchall()
-    for user in {u for _, u, _, _ in jobs}:
+    wrong: list[str] = []
+    for user in sorted({u for _, u, _, _ in jobs}):
         owed = sum(credits for _, u, state, credits in jobs if u == user and state == "delivered")
-        assert sum(amount for u, _, amount, _ in rows if u == user) == -owed, user
-    commits = Counter(job for _, kind, _, job in rows if kind == "commit")
-    assert all(n == 1 for n in commits.values()), commits
-    reserves = Counter(job for _, kind, _, job in rows if kind == "reserve")
-    assert all(n == 1 for n in reserves.values()), reserves
-    return {job_id: state for job_id, _, state, _ in jobs}
+        paid = sum(amount for u, _, amount, _ in rows if u == user)
+        if paid != -owed:
+            wrong.append(f"user {user}: ledger {paid}, delivered jobs cost {owed}")
+    for kind in ("commit", "reserve"):
+        counts = Counter(job for _, k, _, job in rows if k == kind)
+        wrong.extend(f"job {job}: {n} {kind} rows" for job, n in sorted(counts.items()) if n > 1)
+    return {job_id: state for job_id, _, state, _ in jobs}, wrong
+
+
+def check_books(db: Path) -> dict[str, str]:
+    """Every job's state; asserts the ledger adds up per user and each job is committed at most once."""
+    states, wrong = books(db)
+    assert not wrong, wrong
+    return states
 
 
 async def crash(process: BotProcess, reach: Callable[[], Awaitable[int]]) -> int:
