@@ -71,7 +71,8 @@ async def fake() -> AsyncIterator[FakeDiscord]:
 
 @pytest.fixture
 async def bot(fake: FakeDiscord, tiny_settings: Settings, tiny_worker: Worker) -> AsyncIterator[Bot]:
-    stack = bot_on(fake, tiny_settings, tiny_worker, discord_admin_permission="manage_guild", daily_credits=3)
+    stack = bot_on(fake, tiny_settings, tiny_worker, discord_admin_permission="manage_guild",
+                   discord_guild_id=fake.guild_id, daily_credits=3)  # fmt: skip
     await stack.start()
     try:
         yield stack
