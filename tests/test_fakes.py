@@ -1,4 +1,6 @@
-"""The fakes' flood limits: Telegram's strict group window and Discord's per-route buckets, as the real clients see them."""
+"""The fakes themselves: Telegram's strict group window and Discord's per-route buckets, as the real
+clients see them; where Discord offers a command (its guild, another, a DM).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from telegram import Bot
 from telegram.error import RetryAfter
 from telegram.ext import AIORateLimiter, ExtBot
 
-from tests.fakes.discord_server import DEFAULT_BUCKETS, Bucket, FakeDiscord
+from tests.fakes.discord_server import DEFAULT_BUCKETS, MANAGE_GUILD, MEMBER_PERMISSIONS, Bucket, FakeDiscord
 from tests.fakes.telegram_server import PRIVATE_LIMIT, FakeTelegram, Limit
 
 GROUP = -100_222
@@ -306,3 +308,25 @@ async def test_discord_py_waits_on_the_headers_and_retries_a_429(
             assert all(contents.count(text) == 1 for text in retried)
         finally:
             await client.close()
+
+
+async def test_discord_offers_a_command_only_where_it_was_synced_and_its_contexts_allow() -> None:
+    async with FakeDiscord() as fake:
+        user = fake.add_user("user")
+        elsewhere = fake.add_guild("Elsewhere", owner=fake.add_user("stranger"))
+        lobby = fake.add_channel("lobby", guild=elsewhere)
+        guild_only = {"id": "1", "name": "brush", "type": 1, "contexts": [0], "dm_permission": False}
+        fake.commands[fake.guild_id] = [guild_only]
+        with pytest.raises(KeyError, match="not synced here"):  # synced to our guild only
+            await fake.slash("brush", user, channel=lobby)
+        fake.commands[None] = [dict(guild_only, id="2")]
+        assert fake._command("brush", channel=lobby) == (fake.commands[None][0], None)
+        assert fake._command("brush") == (guild_only, fake.guild_id)  # its own guild's first
+        dm = fake.dm_channel(user)
+        assert dm is fake.dm_channel(user) and dm.to_json()["type"] == 1 and dm.guild_id is None
+        with pytest.raises(KeyError, match="forged=True"):  # guild-only: the client never offers it there
+            await fake.slash("brush", user, channel=dm)
+        assert fake._command("brush", channel=dm, forged=True)[0]["name"] == "brush"
+        assert elsewhere.permissions[elsewhere.owner_id] & MANAGE_GUILD  # the owner may do anything there
+        fake.join(elsewhere, user)
+        assert elsewhere.permissions[user.id] == MEMBER_PERMISSIONS
