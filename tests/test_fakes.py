@@ -1,5 +1,6 @@
 """The fakes themselves: Telegram's strict group window and Discord's per-route buckets, as the real
-clients see them; where Discord offers a command (its guild, another, a DM).
+clients see them; a call held in the fake Telegram; where Discord offers a command (its guild,
+another, a DM).
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ class Api:
 
     async def send(self, chat_id: int, text: str = "hi") -> tuple[int, dict[str, Any]]:
         return await self("sendMessage", chat_id=chat_id, text=text)
+
+    async def photo(self, chat_id: int) -> tuple[int, dict[str, Any]]:
+        url = f"{self.tg.base_url}{self.tg.token}/sendPhoto"
+        form = aiohttp.FormData()
+        form.add_field("chat_id", str(chat_id))
+        form.add_field("photo", PNG, filename="p.png", content_type="image/png")
+        async with self.session.post(url, data=form) as response:
+            return response.status, await response.json()
 
     async def album(self, chat_id: int, items: int) -> tuple[int, dict[str, Any]]:
         url = f"{self.tg.base_url}{self.tg.token}/sendMediaGroup"
@@ -170,6 +179,48 @@ async def test_deletes_count_when_asked_and_private_chats_only_with_a_limit(
         assert status == 429 and body["parameters"]["retry_after"] == 1
         clock.now += 1.0
         assert (await api.send(ALICE["id"]))[0] == 200
+
+
+async def test_a_held_call_is_applied_first_and_only_its_answer_waits(http: aiohttp.ClientSession) -> None:
+    async with FakeTelegram() as tg:
+        tg.group(GROUP, "artists")
+        tg.private_chat(ALICE)
+        api = Api(tg, http)
+        hold = tg.hold("sendPhoto", chat_id=ALICE["id"], applied=True)
+        assert (await api.photo(GROUP))[0] == 200  # another chat: not held
+        sending = asyncio.create_task(api.photo(ALICE["id"]))
+        await asyncio.wait_for(hold.arrived.wait(), 10)
+        # Telegram acted on it: the photo is in the chat and the call recorded, answered 200 ...
+        [photo] = tg.bot_messages(ALICE["id"])
+        assert hold.call is not None and hold.call.ok and hold.call.result["message_id"] == photo.message_id
+        assert tg.calls_of("sendPhoto", ALICE["id"], ok=True) == [hold.call]
+        await asyncio.sleep(0.05)
+        assert not sending.done()  # ... but the answer has not reached the client
+        hold.release()
+        status, body = await asyncio.wait_for(sending, 10)
+        assert status == 200 and body["result"]["message_id"] == photo.message_id
+        assert (await api.photo(ALICE["id"]))[0] == 200  # a hold takes one call
+        # dropped after it was applied: the message is there, the client never hears
+        lost = tg.hold("sendPhoto", chat_id=ALICE["id"], applied=True)
+        sending = asyncio.create_task(api.photo(ALICE["id"]))
+        await asyncio.wait_for(lost.arrived.wait(), 10)
+        lost.drop()
+        with pytest.raises(aiohttp.ClientError):
+            await asyncio.wait_for(sending, 10)
+        assert len(tg.bot_messages(ALICE["id"])) == 3
+        # held before Telegram saw it, then dropped: never applied
+        before = tg.hold("sendPhoto", chat_id=GROUP)
+        sending = asyncio.create_task(api.photo(GROUP))
+        await asyncio.wait_for(before.arrived.wait(), 10)
+        assert before.call is None and len(tg.bot_messages(GROUP)) == 1
+        before.drop()
+        assert (await asyncio.wait_for(sending, 10))[0] == 502
+        assert len(tg.bot_messages(GROUP)) == 1
+        # a call still held when the fake closes is let go
+        last = tg.hold("sendPhoto", applied=True)
+        sending = asyncio.create_task(api.photo(GROUP))
+        await asyncio.wait_for(last.arrived.wait(), 10)
+    assert (await asyncio.wait_for(sending, 10))[0] == 200
 
 
 async def test_python_telegram_bot_reads_retry_after_and_its_limiter_retries() -> None:
