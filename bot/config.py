@@ -102,6 +102,14 @@ def parse_devices(value: str) -> tuple[Device, list[str]]:
     return kind, names
 
 
+#: why DISCORD_ADMIN_PERMISSION alone is refused: credits and bans are global, so a permission held
+#: in any server the bot was invited to (whose owner may be anyone) must not make a bot admin
+ADMIN_PERMISSION_NEEDS_GUILD = (
+    "DISCORD_ADMIN_PERMISSION: needs DISCORD_GUILD_ID "
+    "(a permission makes someone a bot admin only in your own server)"
+)
+
+
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -157,7 +165,8 @@ class Settings(BaseSettings):
     discord_gateway_url: str | None = None
     discord_guild_id: int | None = None
     discord_spoiler: bool = False
-    #: a Discord permission (e.g. manage_guild) whose holders are admins too; empty = ADMIN_IDS only
+    #: a Discord permission (e.g. manage_guild) whose holders in DISCORD_GUILD_ID are admins too;
+    #: empty = ADMIN_IDS only
     discord_admin_permission: str | None = None
     telegram_base_url: str | None = None
     telegram_base_file_url: str | None = None
@@ -216,6 +225,13 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"DEVICE: {exc}") from None  # one line naming DEVICE, like a field error
         return {**data, key: kind, "devices": names}
+
+    @model_validator(mode="after")
+    def _admin_permission_needs_guild(self) -> Settings:
+        """A Discord permission makes admins only in the operator's own server, so it needs one."""
+        if self.discord_admin_permission and not self.discord_guild_id:
+            raise ValueError(ADMIN_PERMISSION_NEEDS_GUILD)  # one line naming the variable, like DEVICE's
+        return self
 
     @field_validator("admin_ids", "blocked_words", "nsfw_words", mode="before")
     @classmethod

@@ -256,7 +256,8 @@ class Service:
         """An admin is listed in ``ADMIN_IDS``, or ``vouched`` for by its adapter.
 
         An adapter vouches only when the operator configured a platform permission that makes
-        admins (``DISCORD_ADMIN_PERMISSION``) and the platform says this user holds it here.
+        admins (``DISCORD_ADMIN_PERMISSION``) and the platform says this user holds it in the
+        operator's own server (``DISCORD_GUILD_ID``).
         """
         return vouched or user.key in self.settings.admins
 

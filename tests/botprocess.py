@@ -195,19 +195,21 @@ async def crash(process: BotProcess, reach: Callable[[], Awaitable[int]]) -> int
 async def restart_until_delivered(process: BotProcess, db: Path, draws: int) -> list[str]:
     """Start ``process`` on the crashed one's database, wait until every job is delivered, SIGTERM it.
 
-    Asserts that every accepted job has its row (nothing lost at the kill) and that the drain
-    exits 0; returns the job ids, oldest first.
+    Asserts that no job was recorded delivered before the kill (every kill point comes before
+    that: at 'answered' the fake holds the platform's answer past the kill), that every accepted
+    job has its row (nothing lost at the kill) and that the drain exits 0; returns the job ids,
+    oldest first.
     """
-    with sqlite3.connect(db) as conn:  # a kill just after the database recorded a delivery
-        done = {row[0] for row in conn.execute("SELECT id FROM jobs WHERE state = 'delivered'")}
+    with sqlite3.connect(db) as conn:
+        done = [row[0] for row in conn.execute("SELECT id FROM jobs WHERE state = 'delivered'")]
+    assert not done, f"recorded delivered before the kill, so the kill point was missed: {done}"
     await process.start()
     try:
         await process.logged("brushbot is running")
         ids = job_ids(db)
         assert len(ids) == draws  # nothing lost at the kill: every accepted job has its row
-        for job_id in ids:  # each job not recorded delivered before the kill is delivered now
-            if job_id not in done:
-                await process.logged(f"job {job_id} delivered")
+        for job_id in ids:  # none was recorded delivered before the kill: each is, now
+            await process.logged(f"job {job_id} delivered")
         process.signal(signal.SIGTERM)  # drain: the last database writes happen before it exits
         assert await process.exited() == 0, "\n".join(process.lines[-30:])
     finally:

@@ -103,6 +103,19 @@ def test_invalid_setting_stops_with_one_line(tmp_path: Path, tiny_model_dir: Pat
     )
 
 
+def test_doctor_refuses_a_discord_permission_without_the_operators_server(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    done = run_bot(
+        ["doctor"], tmp_path, tiny_model_dir, DISCORD_ADMIN_PERMISSION="manage_guild", DISCORD_GUILD_ID=""
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "brushbot: invalid setting DISCORD_ADMIN_PERMISSION: needs DISCORD_GUILD_ID "
+        "(a permission makes someone a bot admin only in your own server)"
+    )
+
+
 def test_draw_from_a_picture_repeats_exactly_and_records_the_strength(
     tmp_path: Path, tiny_model_dir: Path, tiny_settings: Settings
 ) -> None:

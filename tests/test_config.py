@@ -58,6 +58,30 @@ def test_invalid_values_stop_with_one_line(
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
+NEEDS_GUILD = (
+    "invalid setting DISCORD_ADMIN_PERMISSION: needs DISCORD_GUILD_ID "
+    "(a permission makes someone a bot admin only in your own server)"
+)
+
+
+def test_a_discord_permission_makes_admins_only_with_the_operators_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # credits and bans are global: a permission held in whichever server invited the bot must not count
+    monkeypatch.setenv("DISCORD_ADMIN_PERMISSION", "manage_guild")
+    with pytest.raises(ConfigError) as info:
+        load_settings(_env_file=None)
+    assert str(info.value) == NEEDS_GUILD
+    monkeypatch.setenv("DISCORD_GUILD_ID", "1234567890")
+    settings = load_settings(_env_file=None)
+    assert (settings.discord_admin_permission, settings.discord_guild_id) == ("manage_guild", 1234567890)
+    monkeypatch.delenv("DISCORD_ADMIN_PERMISSION")
+    assert load_settings(_env_file=None).discord_admin_permission is None  # a server alone is fine
+    monkeypatch.delenv("DISCORD_GUILD_ID")
+    monkeypatch.setenv("DISCORD_ADMIN_PERMISSION", "")  # empty is unset, as in .env.example
+    assert load_settings(_env_file=None).discord_admin_permission is None
+
+
 def test_a_device_list_means_one_local_worker_each(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEVICE", "cuda:0, cuda:1")
     monkeypatch.setenv("DEVICES", "cpu")  # derived from DEVICE, never read

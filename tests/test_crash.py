@@ -6,8 +6,10 @@ of a job's life (queued, mid-denoise, after the PNG was saved, after the platfor
 upload but before the database heard of it), starts it again on the same database and output
 folder, and checks: every job delivered, none lost; each user's ledger adds up to what their
 delivered jobs cost, with one commit per job; and a second copy of a result only where a send was
-in flight at the kill. On Discord a result is an edit of the interaction's message while its token
-lives, so the repeated send edits the same message: one result message per job all the same.
+in flight at the kill: exactly one at 'answered', where the fake acts on the upload and holds its
+answer past the kill (the database never hears of that delivery, so the restart sends it again).
+On Discord a result is an edit of the interaction's message while its token lives, so the
+repeated send edits the same message: one result message per job all the same.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ async def test_sigkill_then_restart_delivers_everything_and_the_books_add_up(
     # progress shows in a group at every step; the upload's chat action only in a private chat
     alice = tg.group(GROUP, "artists") if slow else tg.private_chat(ALICE)
     bob = tg.private_chat(BOB)
+    # 'answered': Telegram posts the photo, and its answer is held until after the kill
+    upload = tg.hold("sendPhoto", chat_id=alice["id"], applied=True) if point == "answered" else None
 
     async def reach() -> int:
         tg.inject_message(alice, ALICE, f"/draw {SLOW if slow else QUICK}")
@@ -94,22 +98,30 @@ async def test_sigkill_then_restart_delivers_everything_and_the_books_add_up(
             # sent only after the PNG is written and the row says "delivering"; the upload follows at once
             await tg.wait_for("sendChatAction", to(alice))
         else:
-            await tg.wait_for("sendPhoto", to(alice))  # answered; the bot has not recorded it yet
+            assert upload is not None
+            await asyncio.wait_for(upload.arrived.wait(), 120)  # posted; the bot has not heard
         return 1
 
     env = telegram_env(tg)
-    draws = await crash(BotProcess(tmp_path, tiny_model_dir, env, **ENV), reach)
+    try:
+        draws = await crash(BotProcess(tmp_path, tiny_model_dir, env, **ENV), reach)
+    finally:
+        if upload is not None:
+            upload.release()  # to nobody: the process is gone
     db = tmp_path / "bot.sqlite3"
     ids = await restart_until_delivered(BotProcess(tmp_path, tiny_model_dir, env, **ENV), db, draws)
 
-    in_flight = point in ("saved", "answered")  # a send may have been under way at the kill
     states = check_books(db)
     assert set(states.values()) == {"delivered"}, states
     copies = Counter(photo_job(c) for c in tg.calls_of("sendPhoto", ok=True))
-    assert set(copies) == set(ids)
-    assert all(n <= (2 if in_flight and job == ids[0] else 1) for job, n in copies.items()), copies
-    if not in_flight:
-        assert all(n == 1 for n in copies.values())
+    if point == "answered":  # the photo Telegram posted before the kill, and once more after it
+        assert upload is not None and upload.call is not None and photo_job(upload.call) == ids[0]
+        assert copies == {job: 2 if job == ids[0] else 1 for job in ids}, copies
+    elif point == "saved":  # the upload follows the chat action at once: it may have been under way
+        assert set(copies) == set(ids) and copies[ids[0]] <= 2, copies
+        assert all(copies[job] == 1 for job in ids[1:]), copies
+    else:
+        assert copies == dict.fromkeys(ids, 1), copies
 
 
 # ---------------------------------------------------------------------------------- Discord

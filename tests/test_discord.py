@@ -21,6 +21,7 @@ from adapters.discord.buttons import RESULT_ACTIONS
 from bot import messages
 from bot.config import Settings
 from bot.domain import VARY_STRONG, VARY_SUBTLE, JobState, LedgerKind, UserRef
+from bot.errors import ConfigError
 from bot.logs import guard_logs
 from bot.service import Service
 from data import SqliteStore
@@ -517,7 +518,9 @@ async def test_a_configured_server_permission_makes_admins(
     assert await ephemeral_answer(fake, it) == "Only bot admins can do that"  # ADMIN_IDS only by default
     await bot.stop()
 
-    bot = await make_bot(discord_admin_permission="manage_guild")
+    with pytest.raises(ConfigError, match="needs DISCORD_GUILD_ID"):  # only in the operator's own server
+        await make_bot(discord_admin_permission="manage_guild")
+    bot = await make_bot(discord_admin_permission="manage_guild", discord_guild_id=fake.guild_id)
     it = await fake.slash("brush quota grant", manager, user=target, credits=2)
     assert "credit(s) available" in await ephemeral_answer(fake, it)
     it = await fake.slash("brush stats", fake.add_user("plain"))

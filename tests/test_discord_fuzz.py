@@ -1,8 +1,11 @@
 """The Discord adapter against hostile and unlucky input, through the fake Discord:
 
 * the authorization matrix: every ``/brush`` command from an admin by ``ADMIN_IDS``, an admin by
-  ``DISCORD_ADMIN_PERMISSION``, a plain member and a banned member — admins get the answer,
-  everyone else "Only bot admins can do that" and not one database row changes;
+  ``DISCORD_ADMIN_PERMISSION``, a plain member and a banned member, in the operator's server
+  (``DISCORD_GUILD_ID``), in another server that invited the bot, and in a DM — ``ADMIN_IDS``
+  admins get the answer everywhere, a permission makes an admin only in the operator's server
+  (not the owner of another server, not in a DM), everyone else gets "Only bot admins can do
+  that" and not one database row changes;
 * fuzzing: random commands (unicode, flags, lengths up to the option limits), forged button
   ids (another channel's job, unknown jobs, malformed ids) — every interaction acknowledged in
   time, nothing logged as a crash, no state changed by a forged button, no job of another channel
@@ -25,7 +28,7 @@ from bot import messages
 from bot.config import Settings
 from bot.domain import JobState, UserRef
 from generation.worker import Worker
-from tests.fakes.discord_server import MANAGE_GUILD, MEMBER_PERMISSIONS, FakeDiscord, FakeUser
+from tests.fakes.discord_server import MANAGE_GUILD, MEMBER_PERMISSIONS, FakeChannel, FakeDiscord, FakeUser
 from tests.test_discord import TOKEN, Bot, bot_on, ephemeral_answer, result_of
 from tests.test_telegram_admin import snapshot
 
@@ -49,6 +52,9 @@ CHANGING = {
     "brush weight",
 }
 REFUSAL = "Only bot admins can do that"
+#: where a command is typed: the operator's server (DISCORD_GUILD_ID), another server the bot was
+#: invited to, a DM with the bot (where Discord does not offer the guild-only /brush: forged)
+HOME, OTHER, DM = "our server", "another server", "a DM"
 
 
 def ref(user: FakeUser) -> UserRef:
@@ -64,6 +70,9 @@ async def fake() -> AsyncIterator[FakeDiscord]:
     async with FakeDiscord(token=TOKEN) as server:
         server.add_channel("secret")
         server.add_channel("room")  # before the bot connects, so it sees them
+        # another server invited the bot; its owner holds every permission there
+        elsewhere = server.add_guild("Elsewhere", owner=server.add_user("stranger"))
+        server.add_channel("lobby", guild=elsewhere)
         yield server
         assert not server.errors, server.errors
         assert not server.rate_limited, [f"{r.method} {r.path}" for r in server.rate_limited]
@@ -71,7 +80,14 @@ async def fake() -> AsyncIterator[FakeDiscord]:
 
 @pytest.fixture
 async def bot(fake: FakeDiscord, tiny_settings: Settings, tiny_worker: Worker) -> AsyncIterator[Bot]:
-    stack = bot_on(fake, tiny_settings, tiny_worker, discord_admin_permission="manage_guild", daily_credits=3)
+    """The bot with manage_guild making admins in its operator's server. An earlier start without
+    DISCORD_GUILD_ID synced the commands globally, so every server the bot is in offers /brush."""
+    earlier = bot_on(fake, tiny_settings, tiny_worker, daily_credits=3)
+    await earlier.start()
+    await earlier.stop()
+    assert any(c["name"] == "brush" for c in fake.commands[None])
+    stack = bot_on(fake, tiny_settings, tiny_worker, discord_admin_permission="manage_guild",
+                   discord_guild_id=fake.guild_id, daily_credits=3)  # fmt: skip
     await stack.start()
     try:
         yield stack
@@ -79,17 +95,48 @@ async def bot(fake: FakeDiscord, tiny_settings: Settings, tiny_worker: Worker) -
         await stack.stop()
 
 
-@pytest.mark.parametrize("caller", ["admin by ADMIN_IDS", "admin by permission"])
-async def test_admins_get_every_admin_command(fake: FakeDiscord, bot: Bot, caller: str) -> None:
+async def caller_in(fake: FakeDiscord, bot: Bot, caller: str, where: str) -> tuple[FakeUser, FakeChannel]:
+    """The person ``caller`` names, and the channel they type in (``HOME``, ``OTHER`` or ``DM``)."""
+    elsewhere = next(iter(fake.guilds.values()))
+    if caller == "admin by ADMIN_IDS":
+        user = fake.owner
+    elif caller == "admin by permission":  # holds manage_guild in our server
+        user = fake.add_user("manager", permissions=MEMBER_PERMISSIONS | MANAGE_GUILD)
+    elif caller == "owner of that server":
+        user = next(u for u in fake.users.values() if u.id == elsewhere.owner_id)
+    else:
+        user = fake.add_user("member")
+        if caller == "banned member":
+            await bot.svc.admin_ban(ref(fake.owner), ref(user), True)
+    if where == OTHER:
+        if user.id != elsewhere.owner_id:
+            fake.join(elsewhere, user)  # a plain member there
+        return user, next(c for c in fake.channels.values() if c.name == "lobby")
+    return user, fake.dm_channel(user) if where == DM else fake.general
+
+
+async def admin_call(
+    fake: FakeDiscord, command: str, user: FakeUser, channel: FakeChannel, target: FakeUser, **options: Any
+) -> str:
+    """Run an admin command (forged in a DM, where Discord does not offer it); its private answer."""
+    if command != "brush stats":
+        options["user"] = target
+    it = await fake.slash(command, user, channel=channel, forged=channel.guild_id is None, **options)
+    return await ephemeral_answer(fake, it)
+
+
+@pytest.mark.parametrize(
+    ("caller", "where"),
+    [("admin by ADMIN_IDS", HOME), ("admin by permission", HOME), ("admin by ADMIN_IDS", OTHER),
+     ("admin by ADMIN_IDS", DM)],
+)  # fmt: skip
+async def test_admins_get_every_admin_command(fake: FakeDiscord, bot: Bot, caller: str, where: str) -> None:
     target = fake.add_user("target")
     await ephemeral_answer(fake, await fake.slash("credits", target))  # the target has a row
-    admin = fake.owner if caller == "admin by ADMIN_IDS" else fake.add_user(
-        "manager", permissions=MEMBER_PERMISSIONS | MANAGE_GUILD
-    )  # fmt: skip
+    admin, channel = await caller_in(fake, bot, caller, where)
     for command, options, answer in ADMIN_CALLS:
         before = rows(bot, admin)
-        line = await ephemeral_answer(fake, await fake.slash(command, admin, user=target, **options)
-                                      if command != "brush stats" else await fake.slash(command, admin))  # fmt: skip
+        line = await admin_call(fake, command, admin, channel, target, **options)
         assert answer in line, (command, line)
         after = rows(bot, admin)
         if command in CHANGING:
@@ -100,19 +147,27 @@ async def test_admins_get_every_admin_command(fake: FakeDiscord, bot: Bot, calle
             }, command
 
 
-@pytest.mark.parametrize("caller", ["plain member", "banned member"])
-async def test_everyone_else_is_refused_and_nothing_changes(fake: FakeDiscord, bot: Bot, caller: str) -> None:
+@pytest.mark.parametrize(
+    ("caller", "where"),
+    [
+        ("plain member", HOME),
+        ("banned member", HOME),
+        ("owner of that server", OTHER),  # every permission there: credits are global, so no admin
+        ("admin by permission", OTHER),  # manage_guild in our server counts in our server only
+        ("plain member", OTHER),
+        ("admin by permission", DM),  # a DM says nothing about anyone's permissions
+        ("plain member", DM),
+    ],
+)
+async def test_everyone_else_is_refused_and_nothing_changes(
+    fake: FakeDiscord, bot: Bot, caller: str, where: str
+) -> None:
     target = fake.add_user("target")
     await ephemeral_answer(fake, await fake.slash("credits", target))
-    member = fake.add_user("member")
-    if caller == "banned member":
-        await bot.svc.admin_ban(ref(fake.owner), ref(member), True)
+    member, channel = await caller_in(fake, bot, caller, where)
     before = rows(bot, member)
     for command, options, _ in ADMIN_CALLS:
-        it = await fake.slash(command, member, user=target, **options) if command != "brush stats" else (
-            await fake.slash(command, member)
-        )  # fmt: skip
-        assert await ephemeral_answer(fake, it) == REFUSAL, command
+        assert await admin_call(fake, command, member, channel, target, **options) == REFUSAL, command
     assert rows(bot, member) == before
 
 

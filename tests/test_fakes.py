@@ -1,4 +1,7 @@
-"""The fakes' flood limits: Telegram's strict group window and Discord's per-route buckets, as the real clients see them."""
+"""The fakes themselves: Telegram's strict group window and Discord's per-route buckets, as the real
+clients see them; a call held in the fake Telegram; where Discord offers a command (its guild,
+another, a DM).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from telegram import Bot
 from telegram.error import RetryAfter
 from telegram.ext import AIORateLimiter, ExtBot
 
-from tests.fakes.discord_server import DEFAULT_BUCKETS, Bucket, FakeDiscord
+from tests.fakes.discord_server import DEFAULT_BUCKETS, MANAGE_GUILD, MEMBER_PERMISSIONS, Bucket, FakeDiscord
 from tests.fakes.telegram_server import PRIVATE_LIMIT, FakeTelegram, Limit
 
 GROUP = -100_222
@@ -63,6 +66,14 @@ class Api:
 
     async def send(self, chat_id: int, text: str = "hi") -> tuple[int, dict[str, Any]]:
         return await self("sendMessage", chat_id=chat_id, text=text)
+
+    async def photo(self, chat_id: int) -> tuple[int, dict[str, Any]]:
+        url = f"{self.tg.base_url}{self.tg.token}/sendPhoto"
+        form = aiohttp.FormData()
+        form.add_field("chat_id", str(chat_id))
+        form.add_field("photo", PNG, filename="p.png", content_type="image/png")
+        async with self.session.post(url, data=form) as response:
+            return response.status, await response.json()
 
     async def album(self, chat_id: int, items: int) -> tuple[int, dict[str, Any]]:
         url = f"{self.tg.base_url}{self.tg.token}/sendMediaGroup"
@@ -168,6 +179,48 @@ async def test_deletes_count_when_asked_and_private_chats_only_with_a_limit(
         assert status == 429 and body["parameters"]["retry_after"] == 1
         clock.now += 1.0
         assert (await api.send(ALICE["id"]))[0] == 200
+
+
+async def test_a_held_call_is_applied_first_and_only_its_answer_waits(http: aiohttp.ClientSession) -> None:
+    async with FakeTelegram() as tg:
+        tg.group(GROUP, "artists")
+        tg.private_chat(ALICE)
+        api = Api(tg, http)
+        hold = tg.hold("sendPhoto", chat_id=ALICE["id"], applied=True)
+        assert (await api.photo(GROUP))[0] == 200  # another chat: not held
+        sending = asyncio.create_task(api.photo(ALICE["id"]))
+        await asyncio.wait_for(hold.arrived.wait(), 10)
+        # Telegram acted on it: the photo is in the chat and the call recorded, answered 200 ...
+        [photo] = tg.bot_messages(ALICE["id"])
+        assert hold.call is not None and hold.call.ok and hold.call.result["message_id"] == photo.message_id
+        assert tg.calls_of("sendPhoto", ALICE["id"], ok=True) == [hold.call]
+        await asyncio.sleep(0.05)
+        assert not sending.done()  # ... but the answer has not reached the client
+        hold.release()
+        status, body = await asyncio.wait_for(sending, 10)
+        assert status == 200 and body["result"]["message_id"] == photo.message_id
+        assert (await api.photo(ALICE["id"]))[0] == 200  # a hold takes one call
+        # dropped after it was applied: the message is there, the client never hears
+        lost = tg.hold("sendPhoto", chat_id=ALICE["id"], applied=True)
+        sending = asyncio.create_task(api.photo(ALICE["id"]))
+        await asyncio.wait_for(lost.arrived.wait(), 10)
+        lost.drop()
+        with pytest.raises(aiohttp.ClientError):
+            await asyncio.wait_for(sending, 10)
+        assert len(tg.bot_messages(ALICE["id"])) == 3
+        # held before Telegram saw it, then dropped: never applied
+        before = tg.hold("sendPhoto", chat_id=GROUP)
+        sending = asyncio.create_task(api.photo(GROUP))
+        await asyncio.wait_for(before.arrived.wait(), 10)
+        assert before.call is None and len(tg.bot_messages(GROUP)) == 1
+        before.drop()
+        assert (await asyncio.wait_for(sending, 10))[0] == 502
+        assert len(tg.bot_messages(GROUP)) == 1
+        # a call still held when the fake closes is let go
+        last = tg.hold("sendPhoto", applied=True)
+        sending = asyncio.create_task(api.photo(GROUP))
+        await asyncio.wait_for(last.arrived.wait(), 10)
+    assert (await asyncio.wait_for(sending, 10))[0] == 200
 
 
 async def test_python_telegram_bot_reads_retry_after_and_its_limiter_retries() -> None:
@@ -306,3 +359,25 @@ async def test_discord_py_waits_on_the_headers_and_retries_a_429(
             assert all(contents.count(text) == 1 for text in retried)
         finally:
             await client.close()
+
+
+async def test_discord_offers_a_command_only_where_it_was_synced_and_its_contexts_allow() -> None:
+    async with FakeDiscord() as fake:
+        user = fake.add_user("user")
+        elsewhere = fake.add_guild("Elsewhere", owner=fake.add_user("stranger"))
+        lobby = fake.add_channel("lobby", guild=elsewhere)
+        guild_only = {"id": "1", "name": "brush", "type": 1, "contexts": [0], "dm_permission": False}
+        fake.commands[fake.guild_id] = [guild_only]
+        with pytest.raises(KeyError, match="not synced here"):  # synced to our guild only
+            await fake.slash("brush", user, channel=lobby)
+        fake.commands[None] = [dict(guild_only, id="2")]
+        assert fake._command("brush", channel=lobby) == (fake.commands[None][0], None)
+        assert fake._command("brush") == (guild_only, fake.guild_id)  # its own guild's first
+        dm = fake.dm_channel(user)
+        assert dm is fake.dm_channel(user) and dm.to_json()["type"] == 1 and dm.guild_id is None
+        with pytest.raises(KeyError, match="forged=True"):  # guild-only: the client never offers it there
+            await fake.slash("brush", user, channel=dm)
+        assert fake._command("brush", channel=dm, forged=True)[0]["name"] == "brush"
+        assert elsewhere.permissions[elsewhere.owner_id] & MANAGE_GUILD  # the owner may do anything there
+        fake.join(elsewhere, user)
+        assert elsewhere.permissions[user.id] == MEMBER_PERMISSIONS

@@ -1,8 +1,11 @@
 """Who may run which admin command on Telegram: every admin command from every kind of caller.
 
-An admin (by ``ADMIN_IDS``) gets the command's answer in a group and in a private chat; a plain
-member, a banned member and a member in a private chat get "Only bot admins can do that" and
-nothing changes; a member of a group outside ``TELEGRAM_ALLOWED_CHATS`` gets no answer at all
+Callers: an admin by ``ADMIN_IDS`` (Telegram has no permission that makes admins: a group's
+own admins are plain members to the bot), a plain member and a banned member. Chats: the bot's
+group, a private chat, another group, and with ``TELEGRAM_ALLOWED_CHATS`` set another group
+outside it and a private chat. An admin gets the command's answer everywhere the bot listens
+(a private chat always); a member or a banned member gets "Only bot admins can do that" and
+nothing changes; outside the allowed chats nobody but an admin in private gets any answer at all,
 and nothing changes. "Nothing changes" is read from the database file itself: users, usage,
 ledger and jobs, row for row.
 """
@@ -78,53 +81,50 @@ async def opened(tg: FakeTelegram, tiny_settings: Settings, tiny_worker: Any, **
     return harness
 
 
-@pytest.mark.parametrize(
-    ("caller", "where"),
-    [("admin", "group"), ("admin", "private")],
-)
-async def test_admins_get_every_admin_command_in_groups_and_private_chats(
-    tg: FakeTelegram, tiny_settings: Settings, tiny_worker: Any, caller: str, where: str
-) -> None:
-    h = await opened(tg, tiny_settings, tiny_worker)
-    try:
-        chat = tg.group(GROUP, "artists") if where == "group" else tg.private_chat(ADA)
-        for text, answer in COMMANDS.items():
-            before = snapshot(h.settings.db_path, ADA)
-            sent = len(h.replies(chat["id"]))
-            await h.say(chat, ADA, text)
-            replies = h.replies(chat["id"])[sent:]
-            assert len(replies) == 1 and answer in replies[0], (text, replies)
-            after = snapshot(h.settings.db_path, ADA)
-            assert (after != before) == (text in CHANGING), (text, before, after)
-    finally:
-        await h.close()
+#: where a command is typed: the bot's group, a private chat with the bot, another group the bot
+#: is in (every chat allowed), and with TELEGRAM_ALLOWED_CHATS set to the first group only: another
+#: group outside it, and a private chat (kept for admins only)
+PLACES = ("group", "private", "another group", "another group, not allowed", "private, allowlist set")
+#: what each caller gets in each place: the answer, "Only bot admins can do that", or no reply at all
+EXPECTED = {
+    "admin": ("answered", "answered", "answered", "ignored", "answered"),
+    "member": ("refused", "refused", "refused", "ignored", "ignored"),
+    "banned": ("refused", "refused", "refused", "ignored", "ignored"),
+}
+MATRIX = [
+    (caller, where, outcome)
+    for caller, row in EXPECTED.items()
+    for where, outcome in zip(PLACES, row, strict=True)
+]
 
 
-@pytest.mark.parametrize(
-    ("caller", "where"),
-    [("member", "group"), ("banned", "group"), ("member", "private"), ("member", "another group")],
-)
-async def test_everyone_else_is_refused_or_ignored_and_nothing_changes(
-    tg: FakeTelegram, tiny_settings: Settings, tiny_worker: Any, caller: str, where: str
+@pytest.mark.parametrize(("caller", "where", "outcome"), MATRIX)
+async def test_every_admin_command_from_every_caller_in_every_chat(
+    tg: FakeTelegram, tiny_settings: Settings, tiny_worker: Any, caller: str, where: str, outcome: str
 ) -> None:
-    # outside the allowed chats the bot says nothing at all (only admins keep their private chat)
-    allowed = {"telegram_allowed_chats": [GROUP]} if where == "another group" else {}
+    allowed = {"telegram_allowed_chats": [GROUP]} if where.endswith(("not allowed", "allowlist set")) else {}
     h = await opened(tg, tiny_settings, tiny_worker, **allowed)
     try:
-        user = CAROL if caller == "banned" else BOB
-        chat = {
-            "group": tg.group(GROUP, "artists"),
-            "private": tg.private_chat(user),
-            "another group": tg.group(OTHER_GROUP, "elsewhere"),
-        }[where]
-        before = snapshot(h.settings.db_path, user)
-        for text in COMMANDS:
+        user = {"admin": ADA, "member": BOB, "banned": CAROL}[caller]
+        chat = (
+            tg.group(GROUP, "artists") if where == "group"
+            else tg.group(OTHER_GROUP, "elsewhere") if where.startswith("another group")
+            else tg.private_chat(user)
+        )  # fmt: skip
+        calls = len(tg.calls)
+        for text, answer in COMMANDS.items():
+            before = snapshot(h.settings.db_path, user)
             sent = len(h.replies(chat["id"]))
             await h.say(chat, user, text)
             replies = h.replies(chat["id"])[sent:]
-            assert replies == ([] if where == "another group" else [REFUSAL]), (text, replies)
-        assert snapshot(h.settings.db_path, user) == before
-        if where == "another group":
-            assert [c for c in tg.calls if c.chat_id == OTHER_GROUP] == []
+            after = snapshot(h.settings.db_path, user)
+            if outcome == "answered":
+                assert len(replies) == 1 and answer in replies[0], (text, replies)
+                assert (after != before) == (text in CHANGING), (text, before, after)
+            else:
+                assert replies == ([REFUSAL] if outcome == "refused" else []), (text, replies)
+                assert after == before, text
+        if outcome == "ignored":  # not a word to that chat, not even a "typing"
+            assert [c for c in tg.calls[calls:] if c.chat_id == chat["id"]] == []
     finally:
         await h.close()

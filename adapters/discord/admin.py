@@ -1,7 +1,8 @@
 """Discord admin commands: the ``/brush`` group (quota show|set|grant|reset, ban, unban, weight, stats).
 
 Discord hides the group from members without Manage Server; the service checks again (``ADMIN_IDS``,
-or ``DISCORD_ADMIN_PERMISSION`` held in this server when the operator set it), before any lookup.
+or ``DISCORD_ADMIN_PERMISSION`` held in the operator's server ``DISCORD_GUILD_ID`` when it is set),
+before any lookup.
 """
 
 from __future__ import annotations

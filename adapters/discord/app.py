@@ -30,7 +30,7 @@ from adapters.discord.delivery import TOKEN_LIFETIME, Interaction
 from adapters.discord.errors import FIELD_TOKEN, REDACTED_LOGGERS, URL_TOKEN, ErrorHook
 from adapters.discord.transport import DiscordTransport
 from bot import messages
-from bot.config import Settings
+from bot.config import ADMIN_PERMISSION_NEEDS_GUILD, Settings
 from bot.errors import ConfigError
 from bot.logs import guard_logs
 from bot.service import Service
@@ -128,6 +128,10 @@ class DiscordAdapter:
                 f"invalid setting DISCORD_ADMIN_PERMISSION (got {self._admin_permission!r}): "
                 "expected a Discord permission name such as manage_guild or administrator"
             )
+        self._admin_guild = settings.discord_guild_id or None
+        if self._admin_permission is not None and self._admin_guild is None:
+            # load_settings refuses this already; settings built another way must not slip through
+            raise ConfigError(f"invalid setting {ADMIN_PERMISSION_NEEDS_GUILD}")
         self.transport = DiscordTransport(service, spoiler=settings.discord_spoiler, clock=clock)
         self.errors = ErrorHook(service)
         self.buttons = Buttons(
@@ -161,8 +165,11 @@ class DiscordAdapter:
         return self._clock() + self.token_lifetime
 
     def vouched(self, interaction: Interaction) -> bool:
-        """Whether the member holds DISCORD_ADMIN_PERMISSION in this server (when it is set)."""
-        if self._admin_permission is None or interaction.guild is None:
+        """Whether the member holds DISCORD_ADMIN_PERMISSION (when it is set) in the operator's own
+        server, DISCORD_GUILD_ID. Credits and bans are global, so the same permission in any other
+        server the bot is in (whose owner may be anyone) or in a DM vouches for nobody; ``ADMIN_IDS``
+        admins are admins everywhere, and the service checks those itself."""
+        if self._admin_permission is None or interaction.guild_id != self._admin_guild:
             return False
         return bool(getattr(interaction.permissions, self._admin_permission, False))
 

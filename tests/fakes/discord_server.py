@@ -13,7 +13,8 @@ a 429 carries the ``Via`` header discord.py looks for, and JSON bodies are sent 
 Every REST request is recorded (method, path, query, JSON body, uploaded files with their
 bytes, the status returned); errors can be injected per route; interactions (slash commands
 typed against the synced command schema, button clicks, modal submits) are injected through
-the gateway. Point discord.py at it with ``discord.http.Route.BASE = fake.url`` and
+the gateway, in the fake's own guild, in other guilds the bot is in (``add_guild``, with what each
+member may do there) or in a DM (``dm_channel``). Point discord.py at it with ``discord.http.Route.BASE = fake.url`` and
 ``discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(fake.gateway_url)``.
 
 Rate limits work as Discord's do: each route belongs to a bucket (``DEFAULT_BUCKETS``, overridable
@@ -59,6 +60,8 @@ SUB_COMMAND, SUB_COMMAND_GROUP, STRING, INTEGER, BOOLEAN, USER, CHANNEL, ROLE, M
 ATTACHMENT = 11
 # application command types
 CHAT_INPUT, USER_COMMAND, MESSAGE_COMMAND = 1, 2, 3
+# interaction context types
+GUILD_CONTEXT, BOT_DM_CONTEXT, PRIVATE_CHANNEL_CONTEXT = 0, 1, 2
 
 #: permission bits the fake gives members unless told otherwise (view, send, history, ...)
 MEMBER_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 31)
@@ -127,6 +130,14 @@ def _template_regex(template: str) -> tuple[str, re.Pattern[str]]:
 class _Window:
     start: float
     used: int = 0
+
+
+def _offered(command: Mapping[str, Any], context: int) -> bool:
+    """Whether the Discord client offers a synced command in this interaction context."""
+    contexts = command.get("contexts")
+    if contexts is not None:
+        return context in contexts
+    return context == GUILD_CONTEXT or command.get("dm_permission") is not False
 
 
 def _now_iso() -> str:
@@ -200,7 +211,7 @@ class FakeUser:
             "flags": 0,
         }
 
-    def member_json(self, *, with_user: bool = True) -> dict[str, Any]:
+    def member_json(self, *, with_user: bool = True, permissions: int | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {
             "roles": [],
             "joined_at": "2024-01-01T00:00:00+00:00",
@@ -212,7 +223,7 @@ class FakeUser:
             "avatar": None,
             "premium_since": None,
             "communication_disabled_until": None,
-            "permissions": str(self.permissions),
+            "permissions": str(self.permissions if permissions is None else permissions),
         }
         if with_user:
             data["user"] = self.user_json()
@@ -221,16 +232,23 @@ class FakeUser:
 
 @dataclass(slots=True)
 class FakeChannel:
-    """A guild text channel; ``deleted`` and ``forbidden`` make REST calls to it fail like Discord."""
+    """A guild text channel, or with a ``recipient`` the bot's DM with that user (no guild);
+    ``deleted`` and ``forbidden`` make REST calls to it fail like Discord."""
 
     id: int
     name: str
-    guild_id: int
+    guild_id: int | None
     nsfw: bool = False
     deleted: bool = False
     forbidden: bool = False
+    recipient: FakeUser | None = None
 
     def to_json(self) -> dict[str, Any]:
+        if self.recipient is not None:
+            return {
+                "id": str(self.id), "type": 1, "last_message_id": None, "flags": 0,
+                "recipients": [self.recipient.user_json()],
+            }  # fmt: skip
         return {
             "id": str(self.id),
             "type": 0,
@@ -245,6 +263,17 @@ class FakeChannel:
             "permission_overwrites": [],
             "flags": 0,
         }
+
+
+@dataclass(slots=True)
+class FakeGuild:
+    """Another server the bot was invited to (the fake's own is ``FakeDiscord.guild_id``), and the
+    permission bits of each member there: a member not listed has ``MEMBER_PERMISSIONS``."""
+
+    id: int
+    name: str
+    owner_id: int
+    permissions: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -352,7 +381,7 @@ class _GatewayConnection:
 
 
 class FakeDiscord:
-    """A fake Discord for one bot application with one guild.
+    """A fake Discord for one bot application with one guild (``guild_id``), and any others it joins.
 
     Use as ``async with FakeDiscord() as fake:`` or call ``start()``/``close()``. ``url`` is the
     REST base (``…/api/v10``) and ``gateway_url`` the websocket URL.
@@ -389,6 +418,8 @@ class FakeDiscord:
         self.bot = FakeUser(id=self.application_id, name="brushbot", bot=True)
         self.users: dict[int, FakeUser] = {}
         self.channels: dict[int, FakeChannel] = {}
+        #: the other guilds the bot is in, by id (``add_guild``)
+        self.guilds: dict[int, FakeGuild] = {}
         self.owner = self.add_user("owner", permissions=MEMBER_PERMISSIONS | ADMINISTRATOR | MANAGE_GUILD)
         self.general = self.add_channel("general")
         #: exceptions raised inside the fake's handlers (a test can assert there are none)
@@ -473,10 +504,35 @@ class FakeDiscord:
         self.users[user.id] = user
         return user
 
-    def add_channel(self, name: str, *, nsfw: bool = False) -> FakeChannel:
-        """A new text channel in the guild (visible to a bot that connects afterwards)."""
-        channel = FakeChannel(id=self.new_id(), name=name, guild_id=self.guild_id, nsfw=nsfw)
+    def add_channel(self, name: str, *, nsfw: bool = False, guild: FakeGuild | None = None) -> FakeChannel:
+        """A new text channel in the guild, or in another one (visible to a bot that connects afterwards)."""
+        where = self.guild_id if guild is None else guild.id
+        channel = FakeChannel(id=self.new_id(), name=name, guild_id=where, nsfw=nsfw)
         self.channels[channel.id] = channel
+        return channel
+
+    def add_guild(self, name: str, *, owner: FakeUser) -> FakeGuild:
+        """Another server that invited the bot (a bot connecting afterwards is in it too): its owner
+        holds every permission there, whatever they may do in the fake's own guild."""
+        guild = FakeGuild(id=self.new_id(), name=name, owner_id=owner.id)
+        guild.permissions[owner.id] = MEMBER_PERMISSIONS | ADMINISTRATOR | MANAGE_GUILD
+        self.guilds[guild.id] = guild
+        self.users.setdefault(owner.id, owner)
+        return guild
+
+    def join(self, guild: FakeGuild, user: FakeUser, *, permissions: int = MEMBER_PERMISSIONS) -> None:
+        """``user`` is a member of another guild with these permission bits there."""
+        self.users.setdefault(user.id, user)
+        guild.permissions[user.id] = permissions
+
+    def dm_channel(self, user: FakeUser) -> FakeChannel:
+        """The bot's direct-message channel with ``user`` (one per user)."""
+        for channel in self.channels.values():
+            if channel.recipient is not None and channel.recipient.id == user.id:
+                return channel
+        channel = FakeChannel(id=self.new_id(), name=f"dm-{user.name}", guild_id=None, recipient=user)
+        self.channels[channel.id] = channel
+        self.users.setdefault(user.id, user)
         return channel
 
     def expire(self, token: str) -> None:
@@ -610,12 +666,29 @@ class FakeDiscord:
 
     # ------------------------------------------------------------------ injecting interactions
 
-    def _command(self, name: str, kind: int = CHAT_INPUT) -> tuple[dict[str, Any], int | None]:
-        for scope in (self.guild_id, None):
-            for cmd in self.commands.get(scope, []):
-                if cmd["name"] == name and cmd.get("type", 1) == kind:
-                    return cmd, scope
-        raise KeyError(f"command /{name} was not synced")
+    def _command(
+        self, name: str, kind: int = CHAT_INPUT, *, channel: FakeChannel | None = None, forged: bool = False
+    ) -> tuple[dict[str, Any], int | None]:
+        """The synced command and its scope (a guild id, None: global) as the client offers it in
+        ``channel`` (default: the fake's guild): that guild's commands, then the global ones, where
+        their contexts allow (a guild-only command is not offered in a DM). ``forged`` takes any
+        synced command of that name anywhere, as a forged interaction could name it."""
+        guild = self.guild_id if channel is None else channel.guild_id
+        context = GUILD_CONTEXT if guild is not None else BOT_DM_CONTEXT
+        scopes = [guild, None] if guild is not None else [None]
+        matching = [
+            (cmd, scope)
+            for scope in [*scopes, *(s for s in self.commands if s not in scopes)]
+            for cmd in self.commands.get(scope, [])
+            if cmd["name"] == name and cmd.get("type", 1) == kind
+        ]
+        for cmd, scope in matching:
+            if scope in scopes and _offered(cmd, context):
+                return cmd, scope
+        if forged and matching:
+            return matching[0]
+        where = "here" if matching else "at all"
+        raise KeyError(f"command /{name} was not synced {where} (forged=True sends it anyway)")
 
     def upload(self, filename: str, data: bytes, content_type: str = "image/png") -> dict[str, Any]:
         """An attachment as a user's client uploads it (served at its ``url``), for attachment options."""
@@ -638,19 +711,20 @@ class FakeDiscord:
 
     async def message_command(self, name: str, user: FakeUser, message: Mapping[str, Any]) -> FakeInteraction:
         """Run a message command (the "Apps" menu of a message) on ``message``."""
-        cmd, scope = self._command(name, MESSAGE_COMMAND)
+        channel = self.channels[int(message["channel_id"])]
+        cmd, scope = self._command(name, MESSAGE_COMMAND, channel=channel)
         data: dict[str, Any] = {
             "id": cmd["id"], "name": name, "type": MESSAGE_COMMAND, "target_id": str(message["id"]),
             "resolved": {"messages": {str(message["id"]): dict(message)}},
         }  # fmt: skip
         if scope is not None:
             data["guild_id"] = str(scope)
-        channel = self.channels[int(message["channel_id"])]
         return await self._interact(APPLICATION_COMMAND, data, user, channel)
 
     def _option_values(
-        self, schema: list[dict[str, Any]], values: Mapping[str, Any], resolved: dict[str, Any]
-    ) -> list[dict[str, Any]]:
+        self, schema: list[dict[str, Any]], values: Mapping[str, Any], resolved: dict[str, Any],
+        *, members: bool = True,
+    ) -> list[dict[str, Any]]:  # fmt: skip
         by_name = {o["name"]: o for o in schema}
         out = []
         for opt in schema:
@@ -674,7 +748,8 @@ class FakeDiscord:
             if kind == USER:
                 user: FakeUser = value
                 resolved.setdefault("users", {})[str(user.id)] = user.user_json()
-                resolved.setdefault("members", {})[str(user.id)] = user.member_json(with_user=False)
+                if members:  # a DM resolves users only
+                    resolved.setdefault("members", {})[str(user.id)] = user.member_json(with_user=False)
                 value = str(user.id)
             if kind == ATTACHMENT:  # an upload from ``upload()``: the client sends its id, resolved
                 resolved.setdefault("attachments", {})[str(value["id"])] = dict(value)
@@ -683,14 +758,19 @@ class FakeDiscord:
         return out
 
     async def slash(
-        self, command: str, user: FakeUser, /, *, channel: FakeChannel | None = None, **options: Any
-    ) -> FakeInteraction:
+        self, command: str, user: FakeUser, /, *, channel: FakeChannel | None = None, forged: bool = False,
+        **options: Any,
+    ) -> FakeInteraction:  # fmt: skip
         """Send a slash command typed like the Discord client would, e.g. ``slash("brush quota set", u, ...)``.
 
         Options are checked against the synced schema (types, choices, ranges, required).
+        ``channel`` may be in another guild or a DM, where the command must be offered (synced
+        there or globally, its contexts allowing it); ``forged`` sends it where it is not, as a
+        forged interaction would arrive.
         """
         names = command.split()
-        cmd, scope = self._command(names[0])
+        where = channel or self.general
+        cmd, scope = self._command(names[0], channel=where, forged=forged)
         schema: list[dict[str, Any]] = list(cmd.get("options", []))
         resolved: dict[str, Any] = {}
         path: list[tuple[str, int]] = []
@@ -700,7 +780,7 @@ class FakeDiscord:
                 raise KeyError(f"/{command}: no subcommand {sub}")
             path.append((sub, match["type"]))
             schema = list(match.get("options", []))
-        leaf = self._option_values(schema, options, resolved)
+        leaf = self._option_values(schema, options, resolved, members=where.guild_id is not None)
         for sub, kind in reversed(path):
             leaf = [{"name": sub, "type": kind, "options": leaf}]
         data: dict[str, Any] = {"id": cmd["id"], "name": names[0], "type": 1, "options": leaf}
@@ -708,7 +788,7 @@ class FakeDiscord:
             data["resolved"] = resolved
         if scope is not None:
             data["guild_id"] = str(scope)
-        return await self._interact(APPLICATION_COMMAND, data, user, channel or self.general)
+        return await self._interact(APPLICATION_COMMAND, data, user, where)
 
     async def click(
         self, message: Mapping[str, Any] | int, custom_id: str, user: FakeUser
@@ -776,20 +856,27 @@ class FakeDiscord:
             "application_id": str(self.application_id),
             "type": kind,
             "data": data,
-            "guild_id": str(self.guild_id),
             "channel_id": str(channel.id),
             "channel": channel.to_json(),
-            "member": user.member_json(),
             "token": token,
             "version": 1,
             "app_permissions": str(MEMBER_PERMISSIONS),
             "locale": "en-US",
-            "guild_locale": "en-US",
             "entitlements": [],
-            "authorizing_integration_owners": {"0": str(self.guild_id)},
-            "context": 0,
             "attachment_size_limit": self.attachment_size_limit,
         }
+        if channel.guild_id is None:  # a DM: the user, no member, no guild
+            payload.update(
+                user=user.user_json(), context=BOT_DM_CONTEXT, authorizing_integration_owners={"0": "0"}
+            )
+        else:
+            other = self.guilds.get(channel.guild_id)
+            permissions = None if other is None else other.permissions.get(user.id, MEMBER_PERMISSIONS)
+            payload.update(
+                guild_id=str(channel.guild_id), member=user.member_json(permissions=permissions),
+                guild_locale="en-US", context=GUILD_CONTEXT,
+                authorizing_integration_owners={"0": str(channel.guild_id)},
+            )  # fmt: skip
         if message is not None:
             payload["message"] = dict(message)
         assert self._loop is not None
@@ -852,7 +939,7 @@ class FakeDiscord:
         if not ok:
             await conn.ws.close(code=4004, message=b"Authentication failed.")
             return
-        guild_stub = {"id": str(self.guild_id), "unavailable": True}
+        guild_stubs = [{"id": str(g), "unavailable": True} for g in (self.guild_id, *self.guilds)]
         await conn.send(
             {
                 "op": 0,
@@ -860,7 +947,7 @@ class FakeDiscord:
                 "d": {
                     "v": 10,
                     "user": self.bot.user_json(),
-                    "guilds": [guild_stub],
+                    "guilds": guild_stubs,
                     "session_id": secrets.token_hex(16),
                     "resume_gateway_url": self.gateway_url,
                     "shard": [0, 1],
@@ -871,24 +958,31 @@ class FakeDiscord:
             }
         )
         await conn.send({"op": 0, "t": "GUILD_CREATE", "d": self._guild_json()})
+        for guild in self.guilds.values():
+            await conn.send({"op": 0, "t": "GUILD_CREATE", "d": self._guild_json(guild)})
         conn.identified.set()
         await self._notify()
 
-    def _guild_json(self) -> dict[str, Any]:
+    def _guild_json(self, other: FakeGuild | None = None) -> dict[str, Any]:
+        gid, name, owner = (
+            (self.guild_id, "Fake Guild", self.owner.id)
+            if other is None
+            else (other.id, other.name, other.owner_id)
+        )
         everyone = {
-            "id": str(self.guild_id), "name": "@everyone", "permissions": str(MEMBER_PERMISSIONS),
+            "id": str(gid), "name": "@everyone", "permissions": str(MEMBER_PERMISSIONS),
             "position": 0, "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0,
         }  # fmt: skip
         return {
-            "id": str(self.guild_id),
-            "name": "Fake Guild",
-            "owner_id": str(self.owner.id),
+            "id": str(gid),
+            "name": name,
+            "owner_id": str(owner),
             "unavailable": False,
             "large": False,
-            "member_count": len(self.users) + 1,
+            "member_count": len(self.users) + 1 if other is None else len(other.permissions) + 1,
             "joined_at": "2024-01-01T00:00:00+00:00",
             "roles": [everyone],
-            "channels": [c.to_json() for c in self.channels.values() if not c.deleted],
+            "channels": [c.to_json() for c in self.channels.values() if not c.deleted and c.guild_id == gid],
             "members": [self.bot.member_json()],
             "threads": [],
             "emojis": [],
@@ -1125,7 +1219,7 @@ class FakeDiscord:
         }
 
     def _commands(self, r: RecordedRequest, guild_id: int | None) -> web.Response:
-        if guild_id is not None and guild_id != self.guild_id:
+        if guild_id is not None and guild_id != self.guild_id and guild_id not in self.guilds:
             return _error(403, 50001, "Missing Access")
         if r.method == "GET":
             return _json_response(self.commands.get(guild_id, []))
@@ -1160,10 +1254,11 @@ class FakeDiscord:
         interaction: FakeInteraction | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         mid = self.new_id()
+        channel = self.channels.get(channel_id)
+        guild_id = self.guild_id if channel is None else channel.guild_id
         msg: dict[str, Any] = {
             "id": str(mid),
             "channel_id": str(channel_id),
-            "guild_id": str(self.guild_id),
             "author": self.bot.user_json(),
             "content": "",
             "timestamp": _now_iso(),
@@ -1179,13 +1274,15 @@ class FakeDiscord:
             "type": 0,
             "flags": flags,
         }
+        if guild_id is not None:  # a DM's messages name no guild
+            msg["guild_id"] = str(guild_id)
         if interaction is not None:
             msg["webhook_id"] = str(self.application_id)
             msg["application_id"] = str(self.application_id)
             msg["type"] = 20 if interaction.type == APPLICATION_COMMAND else 19
             msg["interaction_metadata"] = {
                 "id": str(interaction.id), "type": interaction.type, "user": interaction.user.user_json(),
-                "authorizing_integration_owners": {"0": str(self.guild_id)},
+                "authorizing_integration_owners": interaction.payload["authorizing_integration_owners"],
             }  # fmt: skip
         self._apply(msg, body, files, new=True)
         self.messages[mid] = msg

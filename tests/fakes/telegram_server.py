@@ -5,7 +5,9 @@ Point python-telegram-bot at it with ``ApplicationBuilder().base_url(fake.base_u
 methods the bot uses the way Telegram does (including "message is not modified" and "message to edit
 not found"), parks ``getUpdates`` long polls until an update is injected, records each call with its
 decoded parameters and uploaded files (bytes included), and can inject errors: 429 with
-``retry_after``, 400, 403, or a chat that kicked the bot.
+``retry_after``, 400, 403, or a chat that kicked the bot. ``hold`` keeps one call in the fake until
+the test lets it go: before Telegram acts on it, or after, with only its answer held (the message
+is there; the bot has not heard), as a crash at that moment leaves things.
 
 It enforces Telegram's flood limits the strict way: at most ``group_limit.calls`` counted calls
 in any ``group_limit.window`` seconds per group chat (20 in 60 s by default), where each message
@@ -225,6 +227,45 @@ class _Rule:
     chat_id: int | None
 
 
+class Hold:
+    """The next call of ``method`` (to ``chat_id`` when given) waits in the fake (``FakeTelegram.hold``).
+
+    Held ``before`` Telegram acts on it, ``drop()`` loses it the way a crash loses a send in flight
+    (never applied; answered 502 to nobody); held ``after`` (``applied``), the message is posted and
+    the call recorded, and only the answer waits: ``release()`` sends it, ``drop()`` closes the
+    connection instead. ``await hold.arrived.wait()`` to see it come in; ``call`` is the recorded
+    call once Telegram acted on it.
+    """
+
+    def __init__(self, method: str, chat_id: int | None, *, applied: bool) -> None:
+        self.method = method
+        self.chat_id = chat_id
+        self.applied = applied
+        self.params: Mapping[str, Any] | None = None  # the held call's parameters, once it arrived
+        self.call: ApiCall | None = None
+        self.arrived = asyncio.Event()
+        self.dropped = False
+        self._let_go = asyncio.Event()
+
+    def matches(self, method: str, params: Mapping[str, Any]) -> bool:
+        return (
+            self.params is None
+            and method == self.method
+            and (self.chat_id is None or params.get("chat_id") == self.chat_id)
+        )
+
+    async def wait(self) -> None:
+        self.arrived.set()
+        await self._let_go.wait()
+
+    def release(self) -> None:
+        self._let_go.set()
+
+    def drop(self) -> None:
+        self.dropped = True
+        self._let_go.set()
+
+
 class _ApiError(Exception):
     def __init__(
         self,
@@ -323,6 +364,7 @@ class FakeTelegram:
         self.kicked: set[int] = set()
         self.updates: list[dict[str, Any]] = []
         self._rules: list[_Rule] = []
+        self._holds: list[Hold] = []
         self._open_callbacks: set[str] = set()
         self._next_update = 1
         #: the newest update the client confirmed by asking for the ones after it
@@ -356,8 +398,12 @@ class FakeTelegram:
         self._port = int(self._runner.addresses[0][1])
 
     async def close(self) -> None:
-        """Release parked long polls, then stop the server."""
+        """Release parked long polls and held calls (one not yet applied is dropped), then stop the server."""
         self._closing = True
+        for hold in self._holds:
+            if not hold.applied:
+                hold.drop()
+            hold.release()
         async with self._cond:
             self._cond.notify_all()
         if self._runner is not None:
@@ -436,6 +482,16 @@ class FakeTelegram:
                 chat_id=chat_id,
             )
         )
+
+    def hold(self, method: str, *, chat_id: int | None = None, applied: bool = False) -> Hold:
+        """Hold the next call of ``method`` (to ``chat_id`` when given) until the test lets it go.
+
+        With ``applied`` the fake acts on it first (the photo is posted, the call recorded with its
+        answer) and holds only that answer.
+        """
+        hold = Hold(method, chat_id, applied=applied)
+        self._holds.append(hold)
+        return hold
 
     def inject_update(self, update: dict[str, Any]) -> dict[str, Any]:
         """Queue a raw update (``update_id`` is assigned) and wake a parked long poll."""
@@ -677,9 +733,16 @@ class FakeTelegram:
         method = request.match_info["method"]
         params, files = await self._read(request)
         status, body, counted, limited = 200, None, 0, False
+        hold = next((h for h in self._holds if h.matches(method, params)), None)
+        if hold is not None:
+            hold.params = params  # claimed now: a second matching call is not held
         try:
             if request.match_info["token"] != self.token:
                 raise _ApiError(401, "Unauthorized")
+            if hold is not None and not hold.applied:
+                await hold.wait()
+                if hold.dropped:  # lost on the way: Telegram never saw it
+                    raise _ApiError(502, "Bad Gateway")
             result, counted = await self._dispatch(method, params, files)
             body = {"ok": True, "result": result}
         except _ApiError as err:
@@ -705,6 +768,11 @@ class FakeTelegram:
             if limited:
                 self.rate_limited.append(call)
             self._cond.notify_all()
+        if hold is not None and hold.applied:
+            hold.call = call
+            await hold.wait()
+            if hold.dropped and request.transport is not None:  # the answer never leaves
+                request.transport.abort()
         return web.json_response(body, status=status)
 
     def _injected(self, method: str, chat_id: int | None) -> None:
