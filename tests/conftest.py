@@ -1,8 +1,9 @@
-"""Shared fixtures: offline hub, a network guard, the tiny model and a worker running it."""
+"""Shared fixtures: offline hub, a network guard, a log scan for secrets, the tiny model and a worker."""
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bot.config import Settings
+from tests.leaks import SCANNER, Leak, LeakScanner
+
+#: the root logger's level while the suite runs: every library's records reach the scan
+LOG_LEVEL = logging.DEBUG
 
 
 class NetworkBlockedError(RuntimeError):
@@ -61,6 +66,47 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
     yield
+
+
+def _leak_report(leaks: list[Leak], when: str) -> str:
+    shown = "\n".join(f"  {leak}" for leak in leaks[:20])
+    more = f"\n  ... and {len(leaks) - 20} more" if len(leaks) > 20 else ""
+    return f"{len(leaks)} line(s) {when} contain a test secret:\n{shown}{more}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_scanner() -> Iterator[LeakScanner]:
+    """``tests.leaks.SCANNER`` on the root logger for the whole session, the root at ``LOG_LEVEL``.
+
+    It is there before any adapter starts, so the bot's redaction reaches it as it reaches an
+    operator's handler.
+    """
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(SCANNER)
+    root.setLevel(LOG_LEVEL)
+    SCANNER.active = True
+    try:
+        yield SCANNER
+    finally:
+        SCANNER.active = False
+        root.removeHandler(SCANNER)
+        root.setLevel(level)
+    leaks = SCANNER.check()
+    if leaks:
+        pytest.fail(_leak_report(leaks, "logged after the last test (a session fixture's teardown)"))
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_secrets(leak_scanner: LeakScanner) -> Iterator[None]:
+    """Fail the test if a line logged during it (or output by a ``python -m bot`` it ran) holds a secret."""
+    leaks = leak_scanner.check()
+    if leaks:  # a wider fixture's set-up, or a thread left over from an earlier test
+        pytest.fail(_leak_report(leaks, "logged before this test began"))
+    yield
+    leaks = leak_scanner.check()
+    if leaks:
+        pytest.fail(_leak_report(leaks, "logged during this test"))
 
 
 @pytest.fixture(scope="session")
