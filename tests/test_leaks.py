@@ -15,6 +15,9 @@ from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.telegram_server import DEFAULT_TOKEN, FakeTelegram
 from tests.leaks import SECRETS, LeakScanner, Secrets, excerpt, mask, register_secret
 
+pytest_plugins = ["pytester"]
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def fresh_secret() -> str:
     return register_secret(f"probe-{secrets.token_urlsafe(18)}", "a probe token")
@@ -36,6 +39,49 @@ def test_a_secret_logged_by_any_logger_fails_the_test(leak_scanner: LeakScanner)
     assert leak.source == "some.library" and leak.label == "a probe token"
     assert token not in str(leak) and mask(token) in leak.excerpt and "/getMe failed" in leak.excerpt
     assert leak_scanner.check() == []  # each line is checked once
+
+
+def test_a_leak_fails_that_test_naming_the_logger_and_masking_the_secret(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the autouse fixtures themselves, in a pytest of their own (a leak there must not fail this run)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    pytester.makeconftest("from tests.conftest import leak_scanner, no_leaked_secrets  # noqa: F401\n")
+    token = "inner-secret-token-value-0123456789"
+    pytester.makepyfile(
+        test_inner=f"""
+import logging
+import pytest
+from tests.leaks import register_secret
+
+TOKEN = register_secret({token!r}, "inner token")
+OTHER = register_secret("other-secret-token-value-987654", "other token")
+
+def test_logs_it():
+    logging.getLogger("some.library").debug("GET /bot%s/getMe", TOKEN)
+
+def test_logs_nothing_secret():
+    logging.getLogger("some.library").debug("GET /bot[redacted]/getMe")
+
+@pytest.mark.logs_secrets("inner token", reason="the marker lets this label through, only this one")
+def test_marked():
+    logging.getLogger("some.library").debug("GET /bot%s/getMe", TOKEN)
+    logging.getLogger("else").info("and %s", OTHER)
+"""
+    )
+    # no captured-log sections: pytest's own report would print the raw line
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--show-capture=no")
+    result.assert_outcomes(passed=3, errors=2)
+    out = result.stdout.str()
+    assert token not in out and "other-secret-token-value-987654" not in out
+    logs_it, marked = (
+        out.index("ERROR at teardown of test_logs_it"),
+        out.index("ERROR at teardown of test_marked"),
+    )
+    leak = f"inner token in some.library: DEBUG some.library: GET /bot{mask(token)}/getMe"
+    other = f"other token in else: INFO else: and {mask('other-secret-token-value-987654')}"
+    assert out.count(leak) == 1 and logs_it < out.index(leak) < marked  # only the unmarked test
+    assert out.count(other) == 1 and marked < out.index(other)
 
 
 def test_a_secret_in_a_traceback_is_found(leak_scanner: LeakScanner) -> None:
