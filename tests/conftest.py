@@ -20,7 +20,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bot.config import Settings
-from tests.leaks import SCANNER, Leak, LeakScanner
+from tests.leaks import SCANNER, SECRETS, Leak, LeakScanner
 
 #: the root logger's level while the suite runs: every library's records reach the scan
 LOG_LEVEL = logging.DEBUG
@@ -117,6 +117,15 @@ def no_leaked_secrets(leak_scanner: LeakScanner, request: pytest.FixtureRequest)
     leaks = [leak for leak in leak_scanner.check() if leak.label not in allowed]
     if leaks:
         pytest.fail(_leak_report(leaks, "logged during this test"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's captured log and output are shown with the test secrets masked."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed:
+        report.sections = [(title, SECRETS.redact(content)) for title, content in report.sections]
 
 
 @pytest.fixture(scope="session")

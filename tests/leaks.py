@@ -92,6 +92,16 @@ class Secrets:
                     hits.append((start, candidate))
         return hits
 
+    def redact(self, text: str) -> str:
+        """``text`` with every registered secret masked (see ``mask``)."""
+        parts: list[str] = []
+        done = 0
+        for start, secret in sorted(self.find(text), key=lambda hit: (hit[0], -len(hit[1]))):
+            if start >= done:  # (not a shorter secret inside one already masked)
+                parts += [text[done:start], mask(secret)]
+                done = start + len(secret)
+        return "".join([*parts, text[done:]]) if parts else text
+
 
 #: every secret the suite uses
 SECRETS = Secrets()

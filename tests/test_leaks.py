@@ -46,7 +46,9 @@ def test_a_leak_fails_that_test_naming_the_logger_and_masking_the_secret(
 ) -> None:
     # the autouse fixtures themselves, in a pytest of their own (a leak there must not fail this run)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    pytester.makeconftest("from tests.conftest import leak_scanner, no_leaked_secrets  # noqa: F401\n")
+    pytester.makeconftest(
+        "from tests.conftest import leak_scanner, no_leaked_secrets, pytest_runtest_makereport  # noqa: F401\n"
+    )
     token = "inner-secret-token-value-0123456789"
     pytester.makepyfile(
         test_inner=f"""
@@ -69,10 +71,11 @@ def test_marked():
     logging.getLogger("else").info("and %s", OTHER)
 """
     )
-    # no captured-log sections: pytest's own report would print the raw line
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--show-capture=no")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3, errors=2)
     out = result.stdout.str()
+    # not in the report, nor in the log pytest shows for the failed test (masked there too)
+    assert "Captured log call" in out and f"GET /bot{mask(token)}/getMe" in out.split("Captured log call")[1]
     assert token not in out and "other-secret-token-value-987654" not in out
     logs_it, marked = (
         out.index("ERROR at teardown of test_logs_it"),
@@ -154,6 +157,11 @@ def test_every_secret_is_found_among_many_with_shared_prefixes() -> None:
     text = f"{many[7]} and 'token': '{many[1999]}'\nitok_abcdefg\nitok_zzz {many[3][:-1]}"
     assert book.find(text) == [(0, many[7]), (len(many[7]) + 15, many[1999]), (text.index(short), short)]
     assert book.find("nothing here") == [] and Secrets().find("itok_abcdef") == []
+    assert book.redact(text) == (
+        f"{mask(many[7])} and 'token': '{mask(many[1999])}'\n{mask(short)}g\nitok_zzz {many[3][:-1]}"
+    )
+    longer = book.add("itok_abcdef-and-more", "longer one")
+    assert book.redact(f"<{longer}>") == f"<{mask(longer)}>"  # not the shorter secret inside it
 
 
 def test_an_excerpt_never_shows_a_secret_even_where_the_window_would_cut_it() -> None:
