@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.telegram_server import FakeTelegram
+from tests.leaks import SCANNER
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,13 +85,15 @@ class BotProcess:
         )  # fmt: skip
         assert self.proc.stderr is not None and self.proc.stdout is not None
         self._readers = [
-            asyncio.create_task(self._read(self.proc.stderr, self.lines)),
-            asyncio.create_task(self._read(self.proc.stdout, self.out)),
+            asyncio.create_task(self._read(self.proc.stderr, self.lines, "python -m bot stderr")),
+            asyncio.create_task(self._read(self.proc.stdout, self.out, "python -m bot stdout")),
         ]
 
-    async def _read(self, stream: asyncio.StreamReader, into: list[str]) -> None:
+    async def _read(self, stream: asyncio.StreamReader, into: list[str], source: str) -> None:
         async for raw in stream:
-            into.append(raw.decode(errors="replace").rstrip())
+            line = raw.decode(errors="replace").rstrip()
+            SCANNER.feed(source, line)  # the test that started the process fails if a secret is in it
+            into.append(line)
             self._changed.set()
 
     async def _seen(self, text: str | Callable[[str], bool], lines: list[str], timeout: float) -> None:

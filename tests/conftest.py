@@ -1,8 +1,9 @@
-"""Shared fixtures: offline hub, a network guard, the tiny model and a worker running it."""
+"""Shared fixtures: offline hub, a network guard, a log scan for secrets, the tiny model and a worker."""
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bot.config import Settings
+from tests.leaks import SCANNER, SECRETS, Leak, LeakScanner
+
+#: the root logger's level while the suite runs: every library's records reach the scan
+LOG_LEVEL = logging.DEBUG
 
 
 class NetworkBlockedError(RuntimeError):
@@ -61,6 +66,66 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
     yield
+
+
+def _leak_report(leaks: list[Leak], when: str) -> str:
+    shown = "\n".join(f"  {leak}" for leak in leaks[:20])
+    more = f"\n  ... and {len(leaks) - 20} more" if len(leaks) > 20 else ""
+    return f"{len(leaks)} line(s) {when} contain a test secret:\n{shown}{more}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_scanner() -> Iterator[LeakScanner]:
+    """``tests.leaks.SCANNER`` on the root logger for the whole session, the root at ``LOG_LEVEL``.
+
+    It is there before any adapter starts, so the bot's redaction reaches it as it reaches an
+    operator's handler.
+    """
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(SCANNER)
+    root.setLevel(LOG_LEVEL)
+    SCANNER.active = True
+    try:
+        yield SCANNER
+    finally:
+        SCANNER.active = False
+        root.removeHandler(SCANNER)
+        root.setLevel(level)
+    leaks = SCANNER.check()
+    if leaks:
+        pytest.fail(_leak_report(leaks, "logged after the last test (a session fixture's teardown)"))
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_secrets(leak_scanner: LeakScanner, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test if a line logged during it (or output by a ``python -m bot`` it ran) holds a secret.
+
+    ``@pytest.mark.logs_secrets("FakeTelegram bot token", reason=...)`` lets a test that drives a
+    library without the bot's redaction log those secrets (by label), and only those.
+    """
+    leaks = leak_scanner.check()
+    if leaks:  # a wider fixture's set-up, or a thread left over from an earlier test
+        pytest.fail(_leak_report(leaks, "logged before this test began"))
+    allowed: set[str] = set()
+    mark = request.node.get_closest_marker("logs_secrets")
+    if mark is not None:
+        if not mark.args or not mark.kwargs.get("reason"):
+            pytest.fail("logs_secrets needs the labels of the secrets it lets through and a reason")
+        allowed.update(mark.args)
+    yield
+    leaks = [leak for leak in leak_scanner.check() if leak.label not in allowed]
+    if leaks:
+        pytest.fail(_leak_report(leaks, "logged during this test"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's captured log and output are shown with the test secrets masked."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed:
+        report.sections = [(title, SECRETS.redact(content)) for title, content in report.sections]
 
 
 @pytest.fixture(scope="session")

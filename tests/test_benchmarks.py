@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from tests.leaks import SCANNER
+
 ROOT = Path(__file__).resolve().parent.parent
 #: a hang guard, not a speed assertion: the five together take seconds
 TIMEOUT = 600
@@ -39,6 +41,7 @@ class _Started:
         env = {k: v for k, v in os.environ.items() if k != "OUT"}
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.json_path = json_path
+        self.name = args[0]
         self.process = subprocess.Popen(
             [sys.executable, *args],
             cwd=ROOT,
@@ -59,6 +62,8 @@ class _Started:
             found = self.json_path is not None and self.json_path.is_file()
             data = json.loads(self.json_path.read_text()) if self.json_path and found else {}
             self._ran = Ran(returncode=self.process.returncode, stdout=out, stderr=err, data=data)
+            SCANNER.feed(f"{self.name} stdout", out)
+            SCANNER.feed(f"{self.name} stderr", err)
         return self._ran
 
     def stop(self) -> None:

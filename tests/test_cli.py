@@ -13,9 +13,10 @@ from PIL import Image
 from bot.__main__ import draw
 from bot.config import Settings
 from generation.images import read_parameters
+from tests.leaks import SCANNER, register_secret
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "987654:secret-telegram-token-value"
+TOKEN = register_secret("987654:secret-telegram-token-value", "test_cli TOKEN")
 
 
 def run_bot(
@@ -34,7 +35,7 @@ def run_bot(
         PYTHONPATH=str(ROOT),
     )
     environ.update(env)
-    return subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "bot", *args],
         cwd=tmp_path,
         env=environ,
@@ -44,6 +45,9 @@ def run_bot(
         timeout=180,
         check=False,
     )
+    SCANNER.feed("python -m bot stdout", done.stdout)
+    SCANNER.feed("python -m bot stderr", done.stderr)
+    return done
 
 
 def test_draw_writes_pngs_with_their_seeds_and_repeats_exactly(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -11,9 +11,10 @@ import pytest
 from bot.config import Settings, load_settings
 from bot.errors import ConfigError
 from bot.logs import RedactSecrets
+from tests.leaks import register_secret
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "123456:AAE-very-secret-token-value"
+TOKEN = register_secret("123456:AAE-very-secret-token-value", "test_config TOKEN")
 
 
 @pytest.fixture(autouse=True)

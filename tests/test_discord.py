@@ -42,9 +42,10 @@ from tests.fakes.discord_server import (
     FakeUser,
     rendered,
 )
+from tests.leaks import SECRETS, register_secret
 from tests.support import png_header_only
 
-TOKEN = "bot-token-Zm9vYmFyYmF6cXV4LnNlY3JldC5kaXNjb3JkLnRva2Vu"
+TOKEN = register_secret("bot-token-Zm9vYmFyYmF6cXV4LnNlY3JldC5kaXNjb3JkLnRva2Vu", "test_discord TOKEN")
 WEBHOOK_EDIT = r"/webhooks/\d+/[^/]+/messages/\d+"
 WEBHOOK_ROUTE = "PATCH /webhooks/{webhook_id}/{webhook_token}/messages/{message_id}"
 
@@ -329,7 +330,9 @@ async def test_draw_defers_shows_progress_and_uploads_the_saved_png(
         assert needle in result["content"]
     assert fake.custom_ids(result) == [f"bb:{a}:{job_id}" for a in RESULT_ACTIONS]
 
-    # no token anywhere: not in the log (at DEBUG), not in any body the bot sent
+    # no token anywhere: not in the log (at DEBUG), not in any body the bot sent; the suite-wide
+    # scan looks for both in every line (the fake registered them)
+    assert TOKEN in SECRETS and it.token in SECRETS
     for record in caplog.records:
         line = record.getMessage()
         assert TOKEN not in line and it.token not in line, line
@@ -666,7 +669,7 @@ async def test_blocked_and_nsfw_words_and_spoilers(fake: FakeDiscord, make_bot: 
 
 
 def test_tokens_are_redacted_in_messages_and_tracebacks() -> None:
-    interaction_token = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5OnNlY3JldA.x_y-z"
+    interaction_token = register_secret("aW50ZXJhY3Rpb246MTIzNDU2Nzg5OnNlY3JldA.x_y-z", "interaction token")
     url = f"https://discord.com/api/v10/webhooks/1234567890/{interaction_token}/messages/@original"
     payload = {"id": "1", "token": interaction_token}
     out = io.StringIO()

@@ -29,6 +29,7 @@ from data import SqliteStore
 from generation.images import ImageStore, read_parameters
 from generation.sources import SourceStore
 from tests.fakes.telegram_server import DEFAULT_TOKEN, ApiCall, FakeTelegram, Limit, StoredMessage
+from tests.leaks import register_secret
 from tests.support import png_header_only
 from tests.test_pictures import encode, gradient
 
@@ -628,7 +629,7 @@ async def test_a_rejected_token_is_a_config_error_without_the_token(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     async with FakeTelegram(token="42:TheRealTokenTheServerKnows_xyz") as tg:
-        wrong = "42:AWrongTokenThatMustNotLeak_abcdef"
+        wrong = register_secret("42:AWrongTokenThatMustNotLeak_abcdef", "a wrong TELEGRAM_TOKEN")
         settings = make_settings(tiny_settings, tg, telegram_token=SecretStr(wrong))
         store = SqliteStore(settings.db_path)
         await store.start()

@@ -45,6 +45,8 @@ from typing import Any
 
 from aiohttp import BodyPartReader, WSMsgType, web
 
+from tests.leaks import register_secret
+
 API_PREFIX = "/api/v10"
 EPHEMERAL = 1 << 6
 LOADING = 1 << 7
@@ -401,7 +403,7 @@ class FakeDiscord:
         """``buckets`` overrides ``DEFAULT_BUCKETS`` route by route; ``clock`` (monotonic seconds,
         default the loop's) drives the rate-limit windows so a test can move time by hand.
         """
-        self._token = token
+        self._token = register_secret(token, "FakeDiscord bot token")
         self.buckets: dict[str, Bucket] = {**DEFAULT_BUCKETS, **(buckets or {})}
         self._routes = [(*_template_regex(t), t, b) for t, b in self.buckets.items()]
         self._clock = clock
@@ -850,7 +852,7 @@ class FakeDiscord:
     ) -> FakeInteraction:
         self.users.setdefault(user.id, user)
         iid = self.new_id()
-        token = "itok_" + secrets.token_urlsafe(24)
+        token = register_secret("itok_" + secrets.token_urlsafe(24), "FakeDiscord interaction token")
         payload: dict[str, Any] = {
             "id": str(iid),
             "application_id": str(self.application_id),

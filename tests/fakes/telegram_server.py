@@ -41,6 +41,8 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from tests.leaks import register_secret
+
 DEFAULT_TOKEN = "123456789:AAFakeTokenForBrushbotTests_0123456789"
 
 #: parameters that the Bot API takes as JSON-serialised values
@@ -334,7 +336,7 @@ class FakeTelegram:
         ``counted_methods``: what takes a slot (``count_deletes`` adds the deletes); ``clock``
         (seconds, monotonic) lets a test move time by hand.
         """
-        self.token = token
+        self.token = register_secret(token, "FakeTelegram bot token")
         self.bot_id = int(token.split(":", 1)[0])
         self.bot_username = bot_username
         self.photo_limit = photo_limit
