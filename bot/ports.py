@@ -242,11 +242,22 @@ class Store(Protocol):
 
     async def mark_generated(self, job_id: str, outputs: Sequence[str]) -> None: ...
 
-    async def finish_job(self, job_id: str, state: JobState, *, at: float, error: str | None = None) -> bool:
+    async def finish_job(
+        self, job_id: str, state: JobState, *, at: float, error: str | None = None, untold: bool = False
+    ) -> bool:
         """Move a job to a final state; commit its credits if DELIVERED, refund otherwise.
 
+        ``untold``: its requester is still to be told how it ended (``mark_told`` once they were).
         Idempotent: returns False (and changes nothing) when the job was already final.
         """
+        ...
+
+    async def mark_told(self, job_id: str) -> None:
+        """The requester of an ended job was told (or cannot be): nothing is owed after a restart."""
+        ...
+
+    async def untold_jobs(self) -> list[Job]:
+        """Ended jobs whose requester was never told how (a crash came first), in submit order."""
         ...
 
     async def update_delivery(self, job_id: str, delivery: dict[str, Any]) -> None: ...

@@ -779,7 +779,10 @@ class Service:
         job = live.job
         try:
             try:
-                changed = await self.store.finish_job(job.id, state, at=self._clock(), error=error)
+                untold = notify and error is not None
+                changed = await self.store.finish_job(
+                    job.id, state, at=self._clock(), error=error, untold=untold
+                )
             except Exception:
                 # the row stays unfinished, so the next start recovers it; nothing is charged twice
                 _log.exception("job %s: could not record its end (%s)", job.id, state.value)
@@ -789,9 +792,7 @@ class Service:
                 self.jobs_done += 1
                 _log.info("job %s %s%s", job.id, state.value, f": {error}" if error else "")
             if notify and changed and error is not None:
-                told = self.status.failed(live.job, messages.ended_text(live.job, error))
-                if told is not None:
-                    told.add_done_callback(functools.partial(_told, job.id))
+                self._tell_ended(live.job, error)
         finally:
             self.status.ended(job.id)
             self._live.pop(job.id, None)
@@ -799,10 +800,32 @@ class Service:
             if not self._live:
                 self._idle.set()
 
+    def _tell_ended(self, job: Job, error: str) -> None:
+        """Tell the requester how the job ended; the row keeps saying "untold" until that was tried."""
+        told = self.status.failed(job, messages.ended_text(job, error))
+        if told is not None:
+            told.add_done_callback(functools.partial(self._told, job.id))
+
+    def _told(self, job_id: str, future: asyncio.Future[None]) -> None:
+        if future.cancelled():  # stopped before it went out: the next start tells them
+            return
+        if future.exception() is not None:  # tried: a chat that refused it is not asked again
+            _log.warning("job %s: could not tell the chat it ended: %s", job_id, future.exception())
+        self._spawn(self._mark_told(job_id), f"told-{job_id}")
+
+    async def _mark_told(self, job_id: str) -> None:
+        try:
+            await self.store.mark_told(job_id)
+        except Exception:  # told once more after the next start, at worst
+            _log.exception("job %s: could not record that its chat was told", job_id)
+
     # ------------------------------------------------------------------ recovery
 
     async def recover(self) -> int:
         """Re-queue (in their original order) or re-deliver every unfinished job; returns how many."""
+        for ended in await self.store.untold_jobs():  # a crash came between its end and the telling
+            if self.status.knows(ended.user.platform):
+                self._tell_ended(ended, ended.error or "it did not finish")
         count = 0
         for job in await self.store.unfinished_jobs():
             if job.id in self._live:
@@ -938,11 +961,6 @@ class Service:
             live = self._live.get(job_id)
             if live is not None and self._queue.remove(job_id):
                 self._spawn(self._end(live, JobState.FAILED, messages.WORKERS_GONE), f"fail-{job_id}")
-
-
-def _told(job_id: str, future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        _log.warning("job %s: could not tell the chat it ended: %s", job_id, future.exception())
 
 
 def _read_bytes(path: str) -> bytes:

@@ -116,8 +116,14 @@ _WEIGHTS_AND_DELIVERY = Migration(
     ),
 )
 
+_UNTOLD = Migration(
+    version=3,
+    name="whether a job's requester is still to be told how it ended (survives a crash)",
+    statements=("ALTER TABLE jobs ADD COLUMN untold INTEGER NOT NULL DEFAULT 0 CHECK (untold IN (0, 1))",),
+)
+
 #: every migration in order; ``MIGRATIONS[i].version == i + 1``
-MIGRATIONS: tuple[Migration, ...] = (_INITIAL, _WEIGHTS_AND_DELIVERY)
+MIGRATIONS: tuple[Migration, ...] = (_INITIAL, _WEIGHTS_AND_DELIVERY, _UNTOLD)
 
 #: the schema version this code writes
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -630,7 +630,9 @@ class SqliteStore:
             (JobState.DELIVERING.value, _dumps([str(o) for o in outputs])),
         )
 
-    async def finish_job(self, job_id: str, state: JobState, *, at: float, error: str | None = None) -> bool:
+    async def finish_job(
+        self, job_id: str, state: JobState, *, at: float, error: str | None = None, untold: bool = False
+    ) -> bool:
         """Move a job to a final state; commit its credits if DELIVERED, refund them otherwise.
 
         Idempotent: returns False (and changes nothing) when the job was already final. A refund
@@ -645,8 +647,8 @@ class SqliteStore:
             if JobState(row["state"]).final:
                 return False
             await db.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
-                (state.value, at, error, job_id),
+                "UPDATE jobs SET state = ?, finished_at = ?, error = ?, untold = ? WHERE id = ?",
+                (state.value, at, error, int(untold), job_id),
             )
             if row["free"]:
                 return True
@@ -708,6 +710,15 @@ class SqliteStore:
             rows = await db.execute_fetchall(
                 f"SELECT * FROM jobs WHERE state IN ({_UNFINISHED_SQL}) ORDER BY seq"
             )
+        return [_job(row) for row in rows]
+
+    async def mark_told(self, job_id: str) -> None:
+        async with self._write() as db:
+            await db.execute("UPDATE jobs SET untold = 0 WHERE id = ?", (job_id,))
+
+    async def untold_jobs(self) -> list[Job]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall("SELECT * FROM jobs WHERE untold = 1 ORDER BY seq")
         return [_job(row) for row in rows]
 
     async def user_jobs(self, user: UserRef, limit: int = 10) -> list[Job]:

@@ -454,3 +454,50 @@ async def test_a_chat_that_cannot_take_more_results_lets_other_chats_draw_first(
             assert order == ["group 0", "group 1", "group 2", "group 3", "private"]  # strict fair order
     finally:
         await h.close()
+
+
+def untold(tmp_path: Path, job_id: str) -> int:
+    with sqlite3.connect(tmp_path / "bot.sqlite3") as conn:
+        return int(conn.execute("SELECT untold FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+
+
+async def test_a_failure_the_crash_kept_from_its_requester_is_told_after_the_restart(tmp_path: Path) -> None:
+    one = Harness(tmp_path)
+    one.gen.hold = True
+    await one.open()
+    ticket = await one.draw(ALICE, "told late")
+    told = await one.draw(BOB, "told at once")
+    await one.gen.started.wait()
+    await one.service.cancel(BOB, told.job.id)  # a queued job's end is told at once ...
+    await one.until(lambda hub: bool(hub.of(told.job.id, "failed")))
+    async with asyncio.timeout(10):  # and recorded as told
+        while untold(tmp_path, told.job.id):
+            await asyncio.sleep(0.02)
+    await one.close()
+    # ... then the other one ended, and the process died before its chat heard of it
+    store = SqliteStore(tmp_path / "bot.sqlite3")
+    await store.start()
+    assert await store.finish_job(ticket.job.id, JobState.FAILED, at=1.0, error="out of memory", untold=True)
+    await store.close()
+    assert untold(tmp_path, ticket.job.id) == 1 and untold(tmp_path, told.job.id) == 0
+
+    two = Harness(tmp_path)
+    await two.open()
+    try:
+        await two.until(lambda hub: bool(hub.of(ticket.job.id, "failed")))
+        [notice] = two.hub.of(ticket.job.id, "failed")
+        assert f"Job {ticket.job.id} failed: out of memory" in notice.data and "refunded" in notice.data
+        assert not two.hub.of(told.job.id)  # told before: not again
+        await two.settled()
+        async with asyncio.timeout(10):
+            while untold(tmp_path, ticket.job.id):
+                await asyncio.sleep(0.02)
+    finally:
+        await two.close()
+    three = Harness(tmp_path)
+    await three.open()
+    try:
+        await three.settled()
+        assert not three.hub.events  # nothing owed any more
+    finally:
+        await three.close()
