@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -269,3 +270,43 @@ def test_busy_chat_delivers_and_counts_every_case_against_the_enforcing_fakes(
         "discord b: <= 1.15 messages per image",
         "discord b: no 429",
     }
+
+
+def test_chaos_pairs_private_answers_only_with_commands_owed_one() -> None:
+    """In a private chat the bot's answers do not reply to their command: chaos pairs them in order.
+
+    A command ignored by design (another bot's) must take no answer, a job's own messages (its
+    status, its result: they carry its buttons) answer no command, and a command that got no
+    answer (a killed process took it) must not pass its gap on to the chat's later commands.
+    """
+    from benchmarks.chaos import Sent, answered, telegram_answers
+    from tests.fakes.telegram_server import ApiCall, FakeTelegram
+
+    tg = FakeTelegram()
+    chat, t0 = 42, 1000.0
+    sent = [
+        Sent(
+            "telegram", "command", 0.5, True, chat_id=chat, message_id=9
+        ),  # /stats: a killed process took it
+        Sent("telegram", "command", 1.0, False, chat_id=chat, message_id=1),  # /help@some_other_bot
+        Sent("telegram", "command", 2.0, True, chat_id=chat, message_id=2),  # /help: answered at 2.1
+        Sent("telegram", "command", 3.0, True, chat_id=chat, message_id=3),  # /draw: a job, its status
+        Sent("telegram", "command", 4.0, True, chat_id=chat, message_id=5),  # /credits: answered at 4.1
+        Sent("telegram", "command", 6.0, True, chat_id=chat, message_id=7),  # /queue: never answered
+    ]
+    status_buttons = {"inline_keyboard": [[{"text": "Cancel", "callback_data": "bb:cancel:abcdef0123"}]]}
+    bot = [
+        (2.1, {}),
+        (3.1, {"reply_markup": status_buttons}),
+        (4.1, {}),
+        (6.5, {"reply_markup": status_buttons}),
+    ]
+    for seq, (at, extra) in enumerate(bot):
+        tg.calls.append(ApiCall(seq=seq, method="sendMessage", params={"chat_id": chat, "text": "x", **extra},
+                                files={}, status=200, at=t0 + at))  # fmt: skip
+    chaos = SimpleNamespace(tg=tg, sent=sent, started=t0)
+    jobs = {str((chat, 3)): {"id": "abcdef0123"}}
+    replies, pressed = telegram_answers(chaos, jobs)  # type: ignore[arg-type]
+    assert replies == {(chat, 2), (chat, 5)} and not pressed
+    owed = [s for s in sent if s.expect]
+    assert [answered(s, replies, pressed, None, jobs) for s in owed] == [False, True, True, True, False]  # type: ignore[arg-type]
