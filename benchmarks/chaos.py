@@ -19,7 +19,7 @@ drains with SIGTERM and the books are read:
 
 Goal: 0 lost, 0 ledger mismatches, 0 crashes, duplicates no more than kills (exit status 1 if not).
 
-    .venv/bin/python benchmarks/chaos.py             # 200 jobs, 20 kills, 10,000 commands: ~10 min on 2 cores
+    .venv/bin/python benchmarks/chaos.py             # 200 jobs, 20 kills, 10,000 commands: ~8 min on 2 cores
     .venv/bin/python benchmarks/chaos.py --quick     # 16 jobs, 2 kills, 300 commands: ~1.5 min
 """
 
@@ -382,13 +382,15 @@ class Chaos:
         if pick < 0.35:
             words = [self.text(MAX_OPTION_STRING // 10), self.rng.choice(DISCORD_FLAGS), self.text(20)]
             prompt = " ".join(words)[:MAX_OPTION_STRING] or "x"
+            label = f"/draw {prompt}"
             it = await self.slash("draw", user, channel=channel, prompt=prompt)
         elif pick < 0.55:
-            it = await self.slash(
-                self.rng.choice(["credits", "jobs", "queue", "help"]), user, channel=channel
-            )
+            label = "/" + self.rng.choice(["credits", "jobs", "queue", "help"])
+            it = await self.slash(label[1:], user, channel=channel)
         elif pick < 0.65:
-            it = await self.slash("cancel", user, channel=channel, job=self.text(30)[:100] or "x")
+            job = self.text(30)[:100] or "x"
+            label = f"/cancel {job}"
+            it = await self.slash("cancel", user, channel=channel, job=job)
         elif pick < 0.75:
             command = self.rng.choice(["brush quota grant", "brush ban", "brush stats"])
             options: dict[str, Any] = (
@@ -396,17 +398,20 @@ class Chaos:
             )
             if command == "brush quota grant":
                 options["credits"] = self.rng.randint(1, 1000)
+            label = f"/{command}"
             it = await self.slash(command, user, channel=channel, **options)
         else:
             kind = "forged"
             await self.up.wait()
             assert self.anchor is not None
+            custom_id = self.forged()[:100]
+            label = f"button {custom_id}"
             try:
-                it = await self.dc.forge_click(self.anchor, self.forged()[:100], user)
+                it = await self.dc.forge_click(self.anchor, custom_id, user)
             except (TimeoutError, ConnectionError, RuntimeError):
                 it = None
         if it is not None:
-            self.sent.append(Sent("discord", kind, self.now(), True, token=it.token))
+            self.sent.append(Sent("discord", kind, self.now(), True, token=it.token, text=label[:60]))
 
     def refresh_job_ids(self) -> None:
         with (
