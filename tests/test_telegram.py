@@ -445,6 +445,38 @@ async def test_reroll_in_a_forum_topic_answers_in_that_topic(h: Harness, tg: Fak
     assert rerolled.params["message_thread_id"] == 77
 
 
+async def test_presses_are_answered_before_their_slow_work(
+    h: Harness, tg: FakeTelegram, gen: GatedWorker
+) -> None:
+    group = tg.group(GROUP, "artists")
+    await h.say(group, ALICE, "/draw a harbour")
+    photo = result_message(tg, await tg.wait_for("sendPhoto"))
+    await h.settled()
+    # the original's upload is held before Telegram sees it: the press is answered meanwhile
+    upload = tg.hold("sendDocument", chat_id=GROUP)
+    query = tg.press(ALICE, photo, "Original PNG")
+    await asyncio.wait_for(upload.arrived.wait(), 10)
+    answer = tg.answer(query)
+    assert answer is not None and answer.params["text"] == "Original PNG sent"
+    upload.release()
+    await h.handled()
+    assert len(tg.calls_of("sendDocument", GROUP, ok=True)) == 1
+    # a cancel of a job on the GPU is answered at once, not when the worker has stopped
+    gen.gate.clear()
+    await h.press(BOB, photo, "Reroll")
+    async with asyncio.timeout(10):
+        while len(gen.prompts) < 2:  # the reroll is on the worker, held at its gate
+            await asyncio.sleep(0.01)
+    await h.handled()
+    [status] = [m for m in tg.bot_messages(GROUP) if any("Cancel" in str(b.get("text")) for b in m.buttons())]
+    job_id = job_id_of(status)
+    stopping = await h.press(BOB, status, "Cancel")
+    assert stopping.params["text"] == messages.STOPPING
+    gen.gate.set()
+    await h.settled()
+    assert (await h.service.job(job_id)).state is JobState.CANCELLED
+
+
 async def test_cancel_by_command_and_by_button_and_the_lists(
     h: Harness, tg: FakeTelegram, gen: GatedWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
