@@ -638,6 +638,29 @@ async def test_rate_limits_and_a_refused_upload_are_survived(
     assert fake.files_of(result)
 
 
+async def test_a_result_discord_refuses_ends_refunded_and_the_requester_is_told(
+    fake: FakeDiscord, make_bot: Callable[..., Any]
+) -> None:
+    bot = await make_bot()
+    alice = fake.add_user("alice")
+    alice_ref = UserRef(platform="discord", id=str(alice.id))
+    before = (await bot.svc.credits(alice_ref)).available
+    fake.fail(
+        "PATCH", WEBHOOK_EDIT, status=400, body={"code": 50035, "message": "Invalid Form Body"},
+        times=10, where=lambda r: bool(r.files),
+    )  # fmt: skip
+    it, status = await draw(fake, alice, prompt="refused", steps=1)
+    job_id = job_id_of(status["content"])
+    await bot.wait_state(job_id, JobState.FAILED)
+    # one try: a bad request is not repeated
+    assert len([r for r in fake.requests if r.injected and r.status == 400]) == 1
+    told = await fake.wait_until(lambda: "could not be posted" in content(fake, it.original_message_id))
+    assert told is not None and not fake.files_of(fake.messages[it.original_message_id])
+    kinds = [e.kind for e in await bot.store.history(alice_ref) if e.job_id == job_id]
+    assert LedgerKind.REFUND in kinds and LedgerKind.COMMIT not in kinds
+    assert (await bot.svc.credits(alice_ref)).available == before
+
+
 async def test_blocked_and_nsfw_words_and_spoilers(fake: FakeDiscord, make_bot: Callable[..., Any]) -> None:
     after_dark = fake.add_channel("after-dark", nsfw=True)
     bot = await make_bot(blocked_words=["forbidden"], nsfw_words=["nude"], discord_spoiler=True)
